@@ -1,0 +1,210 @@
+"""Base class of the image-classification LightningDataModules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_kd.data.samplers import EpochSeededRandomSampler
+
+__all__ = ["ClassificationDataModule", "TransformedSubset"]
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+class TransformedSubset(Dataset):
+    """A (sub)set of a dataset of ``(image, target)`` pairs with a transform on the image.
+
+    Lets the training and the held-out validation part of one loaded split use
+    different transforms without loading the split twice.
+
+    Args:
+        dataset: dataset returning ``(image, target)`` with an untransformed image.
+        indices: the indices of ``dataset`` to expose; ``None`` for all of them.
+        transform: applied to the image.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Optional[Sequence[int]] = None,
+        transform: Optional[Callable[[Any], Any]] = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if self.indices is not None:
+            index = self.indices[index]
+        image, target = self.dataset[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    @property
+    def targets(self) -> list[int]:
+        """Class index of every item (when the wrapped dataset exposes ``targets``)."""
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None:
+            raise AttributeError(f"{type(self.dataset).__name__} has no `targets`")
+        if self.indices is None:
+            return [int(t) for t in targets]
+        return [int(targets[i]) for i in self.indices]
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base class of the image-classification data modules.
+
+    A subclass provides :attr:`num_classes` (valid right after ``__init__``), loads its
+    untransformed splits in :meth:`_load_splits` and defines :meth:`train_transform` and
+    :meth:`eval_transform`. This class handles the validation hold-out, the
+    reproducible training shuffle and the dataloaders.
+
+    Args:
+        root: directory of the dataset.
+        batch_size: samples per batch (per device under DDP).
+        num_workers: dataloader worker processes (0 loads in the main process).
+        pin_memory: pin host memory of the batches (only when an accelerator is present).
+        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
+        val_split: fraction of the training split held out for validation; 0 validates on
+            the test split, as most of the literature reports.
+        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if (
+            isinstance(val_split, bool)
+            or not isinstance(val_split, (int, float))
+            or not math.isfinite(val_split)
+            or not 0.0 <= val_split < 1.0
+        ):
+            raise ValueError(
+                f"val_split must be in [0, 1) (0 validates on the test split), got {val_split!r}"
+            )
+        self.root = str(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.val_split = float(val_split)
+        self.seed = int(seed)
+
+        self._class_names: Optional[list[str]] = None
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+
+    # ------------------------------------------------------------------ subclass API
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; valid right after ``__init__``."""
+        raise NotImplementedError(f"{type(self).__name__} must define `num_classes`")
+
+    def _load_splits(self) -> tuple[Dataset, Dataset, list[str]]:
+        """Load ``(train, test, class_names)``; the datasets return untransformed images."""
+        raise NotImplementedError
+
+    def train_transform(self) -> Callable[[Any], torch.Tensor]:
+        """Transform of the training images (augmentation included)."""
+        raise NotImplementedError
+
+    def eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        """Transform of the validation/test images."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ datasets
+    @property
+    def class_names(self) -> list[str]:
+        """Class names, in class-index order; available after :meth:`setup`."""
+        if self._class_names is None:
+            raise RuntimeError(f"{type(self).__name__}.class_names is only available after setup()")
+        return list(self._class_names)
+
+    @property
+    def is_setup(self) -> bool:
+        return self.train_dataset is not None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the train/val/test datasets (once; later calls are no-ops)."""
+        if self.is_setup:
+            return
+        train, test, class_names = self._load_splits()
+        if len(class_names) != self.num_classes:
+            raise RuntimeError(
+                f"{type(self).__name__}: the data has {len(class_names)} classes but num_classes is "
+                f"{self.num_classes}"
+            )
+        train_tf, eval_tf = self.train_transform(), self.eval_transform()
+        if self.val_split > 0.0:
+            n = len(train)  # type: ignore[arg-type]
+            n_val = max(1, int(round(self.val_split * n)))
+            if n_val >= n:
+                raise ValueError(
+                    f"val_split={self.val_split} of {n} training samples leaves no training data"
+                )
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            val_idx, train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
+            self.train_dataset = TransformedSubset(train, train_idx, train_tf)
+            self.val_dataset = TransformedSubset(train, val_idx, eval_tf)
+        else:
+            self.train_dataset = TransformedSubset(train, None, train_tf)
+            self.val_dataset = TransformedSubset(test, None, eval_tf)
+        self.test_dataset = TransformedSubset(test, None, eval_tf)
+        self._class_names = list(class_names)
+
+    # ------------------------------------------------------------------ dataloaders
+    def _require(self, dataset: Optional[Dataset], name: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before {name}_dataloader()")
+        return dataset
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededRandomSampler(len(dataset), seed=self.seed) if train else None,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and _accelerator_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.train_dataset, "train"), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.val_dataset, "val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.test_dataset, "test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.test_dataset, "predict"), train=False)

@@ -1,0 +1,208 @@
+"""CIFAR-10 / CIFAR-100 data modules on ``torchvision.datasets.CIFAR10/100``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from lightning_kd.data.base import ClassificationDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+class _CIFARDataModule(ClassificationDataModule):
+    """Shared implementation of the CIFAR-10/100 modules."""
+
+    dataset_cls: ClassVar[type[datasets.CIFAR10]]
+    dataset_name: ClassVar[str]
+    NUM_CLASSES: ClassVar[int]
+    MEAN: ClassVar[tuple[float, float, float]]
+    STD: ClassVar[tuple[float, float, float]]
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=os.path.expanduser(str(root)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_split=val_split,
+            seed=seed,
+        )
+        self.download = bool(download)
+
+    @property
+    def num_classes(self) -> int:
+        return self.NUM_CLASSES
+
+    @property
+    def base_folder(self) -> str:
+        """Where torchvision expects the extracted data: ``<root>/cifar-10-batches-py`` etc."""
+        return os.path.join(self.root, self.dataset_cls.base_folder)
+
+    def prepare_data(self) -> None:
+        """Download and extract the archive (once, on one process) when ``download`` is set.
+
+        torchvision skips the download when the extracted files are already present and
+        pass its integrity check.
+        """
+        if self.download:
+            # Constructing the (small) test split downloads the whole archive if needed.
+            self.dataset_cls(self.root, train=False, download=True)
+
+    def _make_dataset(self, train: bool) -> datasets.CIFAR10:
+        try:
+            return self.dataset_cls(self.root, train=train, download=False)
+        except RuntimeError:
+            folder = self.dataset_cls.base_folder
+            raise FileNotFoundError(
+                f"{self.dataset_name} data not found (or corrupted) under root={self.root!r}: expected the "
+                f"extracted '{folder}' directory at {self.base_folder!r}. Set download=true to download it, "
+                f"or point root at the directory that contains an extracted '{folder}'."
+            ) from None
+
+    def _load_splits(self) -> tuple[Dataset, Dataset, list[str]]:
+        train = self._make_dataset(train=True)
+        test = self._make_dataset(train=False)
+        return train, test, list(train.classes)
+
+    def train_transform(self) -> Callable[[Any], torch.Tensor]:
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomCrop(32, padding=4),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.MEAN), std=list(self.STD)),
+            ]
+        )
+
+    def eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.MEAN), std=list(self.STD)),
+            ]
+        )
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    """CIFAR-10 (10 classes, 50k train / 10k test images of 32x32).
+
+    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation; eval: normalisation.
+    The test split doubles as validation split unless ``val_split > 0``.
+
+    Args:
+        root: directory containing (or receiving) the extracted ``cifar-10-batches-py``.
+        download: download the archive in prepare_data if it is not already in root.
+        batch_size: samples per batch (per device under DDP).
+        num_workers: dataloader worker processes (0 loads in the main process).
+        pin_memory: pin host memory of the batches (only when an accelerator is present).
+        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
+        val_split: fraction of the training split held out for validation; 0 validates on
+            the test split, as most of the literature reports.
+        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+    """
+
+    dataset_cls = datasets.CIFAR10
+    dataset_name = "CIFAR-10"
+    NUM_CLASSES = 10
+    MEAN = CIFAR10_MEAN
+    STD = CIFAR10_STD
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            download=download,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_split=val_split,
+            seed=seed,
+        )
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    """CIFAR-100 (100 fine classes, 50k train / 10k test images of 32x32).
+
+    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation; eval: normalisation.
+    The test split doubles as validation split unless ``val_split > 0``.
+
+    Args:
+        root: directory containing (or receiving) the extracted ``cifar-100-python``.
+        download: download the archive in prepare_data if it is not already in root.
+        batch_size: samples per batch (per device under DDP).
+        num_workers: dataloader worker processes (0 loads in the main process).
+        pin_memory: pin host memory of the batches (only when an accelerator is present).
+        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
+        val_split: fraction of the training split held out for validation; 0 validates on
+            the test split, as most of the literature reports.
+        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+    """
+
+    dataset_cls = datasets.CIFAR100
+    dataset_name = "CIFAR-100"
+    NUM_CLASSES = 100
+    MEAN = CIFAR100_MEAN
+    STD = CIFAR100_STD
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            download=download,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_split=val_split,
+            seed=seed,
+        )

@@ -1,0 +1,207 @@
+"""Data module over ``torchvision.datasets.ImageFolder`` class-folder trees."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.transforms import v2
+
+from lightning_kd.data.base import ClassificationDataModule
+from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+
+__all__ = ["ImageFolderDataModule"]
+
+_SMALL_IMAGE_MAX = 64
+
+
+def _find_classes(split_dir: str) -> list[str]:
+    """Class folder names of ``split_dir``, sorted exactly like ``ImageFolder.find_classes``."""
+    with os.scandir(split_dir) as it:
+        return sorted(entry.name for entry in it if entry.is_dir())
+
+
+def _has_image(class_dir: str) -> bool:
+    """Whether ``class_dir`` holds (recursively, like ImageFolder) at least one image file."""
+    for dirpath, _dirnames, filenames in os.walk(class_dir, followlinks=True):
+        for name in filenames:
+            if has_file_allowed_extension(name, IMG_EXTENSIONS):
+                return True
+    return False
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """Image classification from class-folder trees (``torchvision.datasets.ImageFolder``).
+
+    ``root`` holds ``train/<class>/<image>`` and ``val/<class>/<image>`` (or ``test/``
+    when there is no ``val/``); that held-out split is the test split and, unless
+    ``val_split > 0``, the validation split. Class indices follow the sorted class
+    folder names of ``train/``, which both splits must share. The extracted CIFAR-10
+    JPEG tree (``train/`` + ``test/``) works with the defaults.
+
+    Train transform: for ``image_size <= 64`` Resize(image_size) + RandomCrop(image_size,
+    padding=image_size // 8) + horizontal flip; for larger sizes RandomResizedCrop(image_size)
+    + flip. Eval: Resize(image_size) + CenterCrop(image_size), resizing to
+    ``int(image_size * 256 / 224)`` first for sizes above 64. Resizing/cropping are no-ops
+    for square images that already have ``image_size``.
+
+    Args:
+        root: directory holding the ``train/`` and ``val/`` (or ``test/``) class folders.
+        image_size: side of the square network input, in pixels.
+        mean: per-channel normalisation mean (RGB, images scaled to [0, 1]).
+        std: per-channel normalisation standard deviation (RGB).
+        batch_size: samples per batch (per device under DDP).
+        num_workers: dataloader worker processes (0 loads in the main process).
+        pin_memory: pin host memory of the batches (only when an accelerator is present).
+        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
+        val_split: fraction of the training split held out for validation; 0 validates on
+            the val/test split, as most of the literature reports.
+        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=os.path.expanduser(str(root)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_split=val_split,
+            seed=seed,
+        )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std must have 3 (RGB) values, got mean={mean}, std={std}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {std}")
+        self.image_size = image_size
+        self.mean: tuple[float, float, float] = mean  # type: ignore[assignment]
+        self.std: tuple[float, float, float] = std  # type: ignore[assignment]
+
+        self.train_dir, self.eval_dir = self._check_layout()
+        self._class_names = self._check_classes()
+
+    # ------------------------------------------------------------------ layout checks
+    def _check_layout(self) -> tuple[str, str]:
+        root = self.root
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"ImageFolderDataModule: root directory {root!r} does not exist")
+        train_dir = os.path.join(root, "train")
+        if not os.path.isdir(train_dir):
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: no 'train/' directory in root {root!r} "
+                f"(expected {train_dir!r} with one sub-folder per class)"
+            )
+        for name in ("val", "test"):
+            eval_dir = os.path.join(root, name)
+            if os.path.isdir(eval_dir):
+                return train_dir, eval_dir
+        raise FileNotFoundError(
+            f"ImageFolderDataModule: neither a 'val/' nor a 'test/' directory in root {root!r} "
+            "(one of them must hold the held-out class folders)"
+        )
+
+    @staticmethod
+    def _split_classes(split_dir: str) -> list[str]:
+        classes = _find_classes(split_dir)
+        if not classes:
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: no class folders in {split_dir!r} "
+                "(expected one sub-folder per class holding its images)"
+            )
+        empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+        if empty:
+            shown = ", ".join(os.path.join(split_dir, c) for c in empty[:10])
+            more = f" (and {len(empty) - 10} more)" if len(empty) > 10 else ""
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: empty class folder(s), with no image of extension "
+                f"{', '.join(IMG_EXTENSIONS)}: {shown}{more}"
+            )
+        return classes
+
+    def _check_classes(self) -> list[str]:
+        train_classes = self._split_classes(self.train_dir)
+        eval_classes = self._split_classes(self.eval_dir)
+        if eval_classes != train_classes:
+            missing = sorted(set(train_classes) - set(eval_classes))
+            extra = sorted(set(eval_classes) - set(train_classes))
+            split = os.path.basename(self.eval_dir)
+            parts = []
+            if missing:
+                parts.append(f"missing from {split}/: {missing}")
+            if extra:
+                parts.append(f"not in train/: {extra}")
+            raise ValueError(
+                f"ImageFolderDataModule: the class folders of {self.eval_dir!r} differ from those of "
+                f"{self.train_dir!r}; " + "; ".join(parts)
+            )
+        return train_classes
+
+    # ------------------------------------------------------------------ API
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names or [])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names (sorted class folder names of ``train/``); known right after ``__init__``."""
+        return list(self._class_names or [])
+
+    def _load_splits(self) -> tuple[Dataset, Dataset, list[str]]:
+        train = datasets.ImageFolder(self.train_dir)
+        test = datasets.ImageFolder(self.eval_dir)
+        if train.classes != self.class_names or test.classes != self.class_names:
+            raise RuntimeError(
+                f"ImageFolderDataModule: the class folders under {self.root!r} changed since __init__"
+            )
+        return train, test, list(train.classes)
+
+    def train_transform(self) -> Callable[[Any], torch.Tensor]:
+        size = self.image_size
+        if size <= _SMALL_IMAGE_MAX:
+            geometric = [
+                v2.Resize(size, antialias=True),
+                v2.RandomCrop(size, padding=size // 8),
+                v2.RandomHorizontalFlip(),
+            ]
+        else:
+            geometric = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                *geometric,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.mean), std=list(self.std)),
+            ]
+        )
+
+    def eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        size = self.image_size
+        resize = size if size <= _SMALL_IMAGE_MAX else int(size * 256 / 224)
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(resize, antialias=True),
+                v2.CenterCrop(size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.mean), std=list(self.std)),
+            ]
+        )

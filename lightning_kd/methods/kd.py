@@ -1,0 +1,42 @@
+"""Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (arXiv 1503.02531)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_kd.core import DistillationModule, Step, check_range
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), summed over classes and averaged over the batch.
+
+    The factor T² keeps the gradient scale independent of T (Hinton et al., section 2).
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class KD(DistillationModule):
+    """Hinton KD: loss = (1−α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)).
+
+    Args:
+        temperature: softening temperature T > 0 (CIFAR: 4, ImageNet: 1).
+        alpha: weight α ∈ [0, 1] of the distillation term (CIFAR: 0.9, ImageNet: 0.5).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_range("temperature", temperature, 0.0, low_open=True)
+        check_range("alpha", alpha, 0.0, 1.0)
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        return {
+            "ce": (1 - self.alpha) * F.cross_entropy(step.student_logits, step.targets),
+            "kd": self.alpha * kd_loss(step.student_logits, step.teacher_logits, self.temperature),
+        }

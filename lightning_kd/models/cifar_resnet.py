@@ -1,0 +1,142 @@
+"""CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4).
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (the
+3-stage CIFAR variant of section 4.2), in the form used by the community
+distillation benchmarks: HobbitLong/RepDistiller (Tian et al., "Contrastive
+Representation Distillation", ICLR 2020) and megvii-research/mdistiller.
+
+Parameter names, shapes and forward semantics match RepDistiller's
+``models/resnet.py`` so that its published checkpoints load with
+``strict=True`` and reproduce their logits. Differences: ``forward`` returns
+logits only (take features with forward hooks on ``stage_names``), and global
+pooling is adaptive, which equals RepDistiller's ``AvgPool2d(8)`` on the 8x8
+map of a 32x32 input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CifarResNet", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+           "resnet56", "resnet110", "resnet8x4", "resnet32x4"]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, add the (projected) input, ReLU (post-activation)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # Out of place, so hooks on bn2 keep the un-summed tensor.
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """3-stage CIFAR ResNet: 3x3 stem, three stages (stride 1, 2, 2), global pool, fc.
+
+    ``num_filters`` is ``[stem, stage1, stage2, stage3]`` widths; ``depth = 6n + 2``.
+    A 1x1 conv + BN projection is used whenever a block changes shape (option B).
+    """
+
+    # Stage ends; 'layer3' output (post-ReLU) is the final map before pooling.
+    stage_names = ("layer1", "layer2", "layer3")
+
+    def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n+2 for BasicBlock CIFAR ResNets, got {depth}")
+        n = (depth - 2) // 6
+        self.inplanes = num_filters[0]
+        self.conv1 = nn.Conv2d(3, num_filters[0], kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(num_filters[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(num_filters[1], n)
+        self.layer2 = self._make_layer(num_filters[2], n, stride=2)
+        self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1,
+                          stride=stride, bias=False),
+                nn.BatchNorm2d(planes * BasicBlock.expansion),
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * BasicBlock.expansion
+        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def resnet8(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(8, [16, 16, 32, 64], num_classes)
+
+
+def resnet14(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(14, [16, 16, 32, 64], num_classes)
+
+
+def resnet20(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(20, [16, 16, 32, 64], num_classes)
+
+
+def resnet32(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(32, [16, 16, 32, 64], num_classes)
+
+
+def resnet44(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(44, [16, 16, 32, 64], num_classes)
+
+
+def resnet56(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(56, [16, 16, 32, 64], num_classes)
+
+
+def resnet110(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(110, [16, 16, 32, 64], num_classes)
+
+
+def resnet8x4(num_classes: int = 100) -> CifarResNet:
+    """resnet8 with 4x wider stages (stem 32, stages 64/128/256)."""
+    return CifarResNet(8, [32, 64, 128, 256], num_classes)
+
+
+def resnet32x4(num_classes: int = 100) -> CifarResNet:
+    """resnet32 with 4x wider stages (stem 32, stages 64/128/256)."""
+    return CifarResNet(32, [32, 64, 128, 256], num_classes)

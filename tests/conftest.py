@@ -1,0 +1,67 @@
+import hashlib
+import os
+
+import pytest
+import torch
+
+from tiny_data import disable_cifar_checksums, write_tiny_cifar, write_tiny_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _cifar_checksums(monkeypatch):
+    """The tiny CIFAR files have other checksums than the real release (tests only)."""
+    disable_cifar_checksums(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar10(tmp_path_factory):
+    return write_tiny_cifar(str(tmp_path_factory.mktemp("tiny_c10")), num_classes=10, train_per_class=8, test_per_class=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar100(tmp_path_factory):
+    return write_tiny_cifar(str(tmp_path_factory.mktemp("tiny_c100")), num_classes=100, train_per_class=1, test_per_class=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    return write_tiny_image_folder(str(tmp_path_factory.mktemp("folder")), classes=4, per_class=16)
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (BatchNorm statistics included)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trainer_args(workdir, steps: int = 2, logger: bool = False) -> list[str]:
+    """CLI overrides: one epoch of ``steps`` training steps on the CPU, quietly, inside ``workdir``."""
+    return [
+        "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={steps}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        *([] if logger else ["--trainer.logger=false"]),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={workdir}",
+        f"--checkpoint.dirpath={workdir}/checkpoints",
+    ]
+
+
+def data_args(root, batch_size: int = 8, download: bool | None = False) -> list[str]:
+    """Point a config's data module at tiny local data, without workers."""
+    args = [f"--data.root={root}", f"--data.batch_size={batch_size}", "--data.num_workers=0"]
+    if download is not None:
+        args.append(f"--data.download={str(download).lower()}")
+    return args
