@@ -152,3 +152,16 @@ def test_demo_trains_teacher_student_and_kd_and_prints_the_comparison(tiny_folde
     printed = capsys.readouterr().out
     assert "resnet8 + KD" in printed and "resnet8 alone" in printed
     assert os.path.isfile(tmp_path / "teacher" / "checkpoints" / "last.ckpt")
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tiny_folder, teacher_ckpt, tmp_path):
+    fitted = cli_main(["fit", *kd_args(tiny_folder, tmp_path, teacher_ckpt)])
+    ckpt = f"--ckpt_path={tmp_path}/checkpoints/last.ckpt"
+    tested = cli_main(["test", *kd_args(tiny_folder, tmp_path, teacher_ckpt), ckpt])
+    assert {"test/acc1", "test/acc5", "test/loss", "test/teacher_acc1"} <= set(tested.trainer.callback_metrics)
+    validated = cli_main(["validate", *kd_args(tiny_folder, tmp_path, teacher_ckpt), ckpt])
+    assert "val/acc1" in validated.trainer.callback_metrics
+    predictor = cli_main(["predict", *kd_args(tiny_folder, tmp_path, teacher_ckpt), ckpt])
+    logits = torch.cat(predictor.trainer.predict_loop.predictions)
+    assert logits.shape == (len(predictor.datamodule.test_dataset), 4)
+    assert state_hash(predictor.model.student) == state_hash(fitted.model.student)
