@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -36,10 +35,6 @@ def _short_name(spec) -> Optional[str]:
     return class_path.rsplit(".", 1)[-1] if class_path else type(spec).__name__
 
 
-# The frozen teacher is in eval mode by design; Lightning's notice about it would only confuse users.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Save ``config.yaml`` beside the logs and send the full resolved config to the logger as hyper-parameters."""
 
@@ -53,6 +48,9 @@ class KDLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # ImageNet subsets: a 1000-class teacher answers for the data's classes only. jsonargparse skips this
+        # link for data modules without the attribute, whose models keep teacher_classes unset.
+        parser.link_arguments("data.imagenet_class_indices", "model.init_args.teacher_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -117,17 +115,17 @@ def cli_main(args=None, run: bool = True) -> KDLightningCLI:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "export":
+    command = sys.argv[1:] if argv is None else list(argv)
+    if command[:1] == ["export"]:
         from lightning_kd.export import export_cli
 
-        export_cli(argv[1:])
-    elif argv and argv[0] == "demo":
+        export_cli(command[1:])
+    elif command[:1] == ["demo"]:
         from lightning_kd.demo import demo_cli
 
-        demo_cli(argv[1:])
+        demo_cli(command[1:])
     else:
-        cli_main(argv)
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -33,6 +33,38 @@ def tiny_folder(tmp_path_factory):
     return write_tiny_image_folder(str(tmp_path_factory.mktemp("folder")), classes=4, per_class=16)
 
 
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory):
+    """train/ and val/ folders of all 1000 ImageNet classes, named by WordNet id, one 8x8 image each."""
+    from lightning_kd.data.imagenet import imagenet_wnids
+
+    root = str(tmp_path_factory.mktemp("imagenet"))
+    return write_tiny_image_folder(root, classes=list(imagenet_wnids()), per_class=1, size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenette(tmp_path_factory):
+    """torchvision's Imagenette layout (``imagenette2-320/{train,val}/<wnid>/*.jpeg``), two 8x8 images a class."""
+    from lightning_kd.data.imagenet import IMAGENETTE_WNIDS
+
+    root = str(tmp_path_factory.mktemp("imagenette"))
+    classes = list(IMAGENETTE_WNIDS)
+    write_tiny_image_folder(os.path.join(root, "imagenette2-320"), classes, per_class=2, size=8, ext="jpeg")
+    return root
+
+
+def fake_pretrained_weights(monkeypatch, directory, network: torch.nn.Module, model_name: str, weights_name: str):
+    """Make torchvision's ``weights_name`` of ``model_name`` load ``network``'s weights, without any download:
+    TORCH_HOME points at ``directory``, whose hub cache holds them under the file name of the weights' URL."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(model_name)[weights_name]
+    cache = os.path.join(directory, "hub", "checkpoints")
+    os.makedirs(cache, exist_ok=True)
+    torch.save(network.state_dict(), os.path.join(cache, os.path.basename(weights.url)))
+    monkeypatch.setenv("TORCH_HOME", str(directory))
+
+
 def state_hash(module: torch.nn.Module) -> str:
     """Hash of every parameter and buffer (BatchNorm statistics included)."""
     digest = hashlib.sha256()
@@ -47,7 +79,7 @@ def trainer_args(workdir, steps: int = 2, logger: bool = False) -> list[str]:
     return [
         "--trainer.max_epochs=1",
         f"--trainer.limit_train_batches={steps}",
-        "--trainer.limit_val_batches=1",
+        "--trainer.limit_val_batches=2",  # not "=1": the CLI parses it as the float 1.0, i.e. every batch
         "--trainer.num_sanity_val_steps=0",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
@@ -59,9 +91,9 @@ def trainer_args(workdir, steps: int = 2, logger: bool = False) -> list[str]:
     ]
 
 
-def data_args(root, batch_size: int = 8, download: bool | None = False) -> list[str]:
-    """Point a config's data module at tiny local data, without workers."""
-    args = [f"--data.root={root}", f"--data.batch_size={batch_size}", "--data.num_workers=0"]
+def data_args(root, batch_size: int = 8, download: bool | None = False, prefix: str = "data") -> list[str]:
+    """Point a config's data module (``prefix="data.source"``: the one it wraps) at tiny local data, without workers."""
+    args = [f"--{prefix}.root={root}", f"--{prefix}.batch_size={batch_size}", f"--{prefix}.num_workers=0"]
     if download is not None:
-        args.append(f"--data.download={str(download).lower()}")
+        args.append(f"--{prefix}.download={str(download).lower()}")
     return args

@@ -42,7 +42,7 @@ CIFAR_CASES = [
     pytest.param(CIFAR100DataModule, 100, CIFAR100_FINE_LABEL_NAMES, "cifar-100-python", id="cifar100"),
 ]
 
-FAST = dict(num_workers=0, pin_memory=False)
+FAST = dict(num_workers=0, pin_memory=False, tensor_resident=False)  # the per-sample path: loaders serve finished batches
 
 
 @pytest.fixture

@@ -45,6 +45,33 @@ def test_resume_continues_exactly(tiny_folder, teacher_ckpt, tmp_path):
     assert state_hash(resumed.model.student) == state_hash(straight.model.student)
 
 
+def test_python_api_resumes_and_reloads_with_the_default_recipe_under_safe_loading(tiny_folder, teacher_ckpt, tmp_path):
+    """The default optimizer/scheduler recipes sit in the hyper-parameters by reference; torch.load's
+    ``weights_only=True`` (Lightning's default) must still accept the checkpoint."""
+    import pytorch_lightning as pl
+
+    from lightning_kd.data import ImageFolderDataModule
+    from lightning_kd.methods import KD
+
+    def trainer(epochs):
+        return pl.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
+                          logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+    def model():
+        return KD(student="resnet8", teacher="resnet20", teacher_ckpt=teacher_ckpt, num_classes=4)
+
+    data = ImageFolderDataModule(tiny_folder, batch_size=8, num_workers=0)
+    first = trainer(1)
+    first.fit(model(), data)
+    ckpt = str(tmp_path / "one_epoch.ckpt")
+    first.save_checkpoint(ckpt)
+    resumed = trainer(2)
+    resumed.fit(model(), data, ckpt_path=ckpt)
+    assert resumed.global_step == 4
+    reloaded = KD.load_from_checkpoint(ckpt, weights_only=True)
+    assert state_hash(reloaded.student) == state_hash(first.lightning_module.student)
+
+
 def test_export_round_trip_gives_the_same_logits(tiny_folder, teacher_ckpt, tmp_path):
     cli = cli_main(["fit", *kd_args(tiny_folder, tmp_path, teacher_ckpt)])
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")

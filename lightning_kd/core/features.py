@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,6 +26,15 @@ def resolve_modules(model: nn.Module, names: Sequence[str], owner: str = "model"
             raise ValueError(f"Unknown {owner} layer {name!r} ({type(model).__name__} has no such module).{hint}")
         resolved[name] = modules[name]
     return resolved
+
+
+def pool_to_smallest(*maps: torch.Tensor) -> list[torch.Tensor]:
+    """Adaptive-average-pool maps shaped (..., H, W) to the smallest height and width among them.
+
+    Maps already of that size pass through untouched.
+    """
+    size = (min(m.shape[-2] for m in maps), min(m.shape[-1] for m in maps))
+    return [m if tuple(m.shape[-2:]) == size else F.adaptive_avg_pool2d(m, size) for m in maps]
 
 
 class FeatureHooks:

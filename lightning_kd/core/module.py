@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import numpy as np
@@ -27,9 +28,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.core.features import FeatureHooks
-from lightning_kd.core.teacher import freeze, load_weights
+from lightning_kd.core.teacher import BlackBoxTeacher, TeacherCost, freeze, load_weights, restrict_classifier
 from lightning_kd.models import get_model
 
+# The frozen teacher is in eval mode by design; Lightning's notice about it would only confuse users.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 def cifar_sgd(params) -> torch.optim.Optimizer:
     """The CIFAR recipe of RepDistiller: SGD, lr 0.05, momentum 0.9, weight decay 5e-4."""
@@ -39,6 +42,11 @@ def cifar_sgd(params) -> torch.optim.Optimizer:
 def cifar_multistep(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """The CIFAR recipe of RepDistiller: learning rate ×0.1 at epochs 150, 180 and 210 (of 240)."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[150, 180, 210], gamma=0.1)
+
+
+# The default recipes are saved by reference in every checkpoint's hyper-parameters; allowing them lets
+# ``Trainer.fit(ckpt_path=...)`` and ``load_from_checkpoint`` keep torch.load's safe ``weights_only=True``.
+torch.serialization.add_safe_globals([cifar_sgd, cifar_multistep])
 
 
 def _collect_rng_states() -> dict:
@@ -67,6 +75,18 @@ def check_range(name: str, value: float, low: float, high: float = float("inf"),
     if below or value > high:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
+
+
+def accuracy_metrics(num_classes: int, prefix: str, postfix: str = "") -> MetricCollection:
+    """Top-1 and top-5 accuracy (top-K with fewer classes), logged as ``<prefix>acc1<postfix>`` and ``…acc5…``."""
+    return MetricCollection(
+        {
+            "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        },
+        prefix=prefix,
+        postfix=postfix,
+    )
 
 
 def build_network(spec: Union[str, nn.Module], num_classes: int) -> nn.Module:
@@ -112,8 +132,19 @@ class DistillationModule(pl.LightningModule):
         teacher: the teacher's architecture, given like ``student``.
         teacher_ckpt: weights for the teacher: a lightning_kd checkpoint (its student), a community
             ``{'model': state_dict}`` checkpoint or a plain state_dict file.
+        teacher_weights: torchvision pretrained weights of the teacher by name (e.g. ``IMAGENET1K_V1``),
+            instead of ``teacher_ckpt``; the teacher then answers for the weights' classes (1000 on ImageNet).
+        teacher_classes: the teacher outputs to keep, one per data class in label order, when the teacher
+            was trained on more classes (a 1000-class ImageNet teacher on a subset); the CLI links it from
+            ``data.imagenet_class_indices``. The teacher's classifier is restricted to those rows
+            (:func:`~lightning_kd.core.teacher.restrict_classifier`), not retrained; a ``teacher_ckpt``
+            that already has ``num_classes`` outputs is used as it is.
         optimizer: builds the optimizer from the trainable parameters (default: SGD 0.05, momentum 0.9, wd 5e-4).
         lr_scheduler: builds the scheduler from the optimizer (default: ×0.1 at epochs 150/180/210).
+        channels_last: keep every 4-D weight (and so the activations) in ``torch.channels_last`` memory
+            format, faster for convolutions under mixed precision on recent GPUs.
+        compile: ``torch.compile`` the student and the teacher (in place, so checkpoints keep their keys); a
+            dict gives ``torch.compile``'s options, e.g. ``{mode: max-autotune}``.
     """
 
     needs_teacher: Optional[bool] = None
@@ -124,8 +155,12 @@ class DistillationModule(pl.LightningModule):
         num_classes: int,
         teacher: Optional[Union[str, nn.Module]] = None,
         teacher_ckpt: Optional[str] = None,
+        teacher_weights: Optional[str] = None,
+        teacher_classes: Optional[list[int]] = None,
         optimizer: OptimizerCallable = cifar_sgd,
         lr_scheduler: LRSchedulerCallable = cifar_multistep,
+        channels_last: bool = False,
+        compile: Union[bool, dict] = False,
     ) -> None:
         super().__init__()
         modules = {"student": student, "teacher": teacher}
@@ -139,16 +174,32 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"{name} trains without a teacher: remove model.teacher / model.teacher_ckpt")
         if teacher_ckpt is not None and teacher is None:
             raise ValueError("model.teacher_ckpt is set but model.teacher (its architecture) is not")
+        if teacher_weights is not None and not isinstance(teacher, str):
+            raise ValueError("model.teacher_weights is set: model.teacher must name a torchvision model, e.g. resnet34")
+        if teacher_weights is not None and teacher_ckpt is not None:
+            raise ValueError("set model.teacher_weights (torchvision weights) or model.teacher_ckpt, not both")
+        if teacher is not None and teacher_classes is not None and len(teacher_classes) != num_classes:
+            raise ValueError(
+                f"model.teacher_classes names {len(teacher_classes)} teacher outputs but the data has "
+                f"{num_classes} classes"
+            )
 
         self.student = build_network(student, num_classes)
         self.teacher: Optional[nn.Module] = None
         if teacher is not None:
-            network = build_network(teacher, num_classes)
-            if teacher_ckpt is None:
-                warnings.warn(f"{name}: no teacher_ckpt given, the teacher keeps its initial weights", stacklevel=2)
+            if teacher_weights is not None:
+                network = get_model(teacher, weights=teacher_weights)  # the weights' classes: 1000 on ImageNet
+                if teacher_classes is not None:
+                    restrict_classifier(network, teacher_classes)
             else:
-                load_weights(network, teacher_ckpt)
+                network = build_network(teacher, num_classes)
+                if teacher_ckpt is None:
+                    warnings.warn(f"{name}: no teacher_ckpt given, the teacher keeps its initial weights", stacklevel=2)
+                else:
+                    load_weights(network, teacher_ckpt, classes=teacher_classes)
             self.teacher = freeze(network)
+        # Images sent through the teacher in training and their FLOPs, logged every epoch (teacher/*).
+        self.teacher_cost: Optional[TeacherCost] = TeacherCost(self.teacher) if self.teacher is not None else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student_layers: list[str] = []
@@ -156,27 +207,35 @@ class DistillationModule(pl.LightningModule):
         self._student_hooks: Optional[FeatureHooks] = None
         self._teacher_hooks: Optional[FeatureHooks] = None
 
-        def accuracy(prefix: str) -> MetricCollection:
-            top5 = min(5, num_classes)
-            return MetricCollection(
-                {
-                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                    "acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
-                },
-                prefix=prefix,
-            )
-
-        self.val_metrics = accuracy("val/")
-        self.test_metrics = accuracy("test/")
-        self.teacher_val_metrics = accuracy("val/teacher_")
-        self.teacher_test_metrics = accuracy("test/teacher_")
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.teacher_val_metrics = accuracy_metrics(num_classes, "val/teacher_")
+        self.teacher_test_metrics = accuracy_metrics(num_classes, "test/teacher_")
+        # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
+        self.named_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
         self._teacher_scored = False
         self.input_shape: Optional[tuple[int, ...]] = None  # one sample's shape, saved for export
+        self.channels_last = bool(channels_last)
+        self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
+        self._compiled = False
 
     # --- what a method implements ---------------------------------------------------------------
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         """Named, already weighted scalar loss terms of one training step; the base sums and logs them."""
         raise NotImplementedError
+
+    def score_outputs(self, names: Sequence[str]) -> None:
+        """Declare outputs besides the main one (BYOT's exits, DML's peers) that :meth:`evaluation_logits`
+        returns by name: each is scored as ``val/acc1/<name>``, ``val/acc5/<name>`` (and ``test/…``), while
+        ``val/acc1`` stays the main output's. Call it from ``__init__``."""
+        for stage, metrics in self.named_metrics.items():
+            for name in names:
+                metrics[name] = accuracy_metrics(self.num_classes, f"{stage}/", f"/{name}")
+
+    def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits scored in validation and test: the main output's, and those of the outputs named in
+        :meth:`score_outputs`, by name. Default: the student's, and no others."""
+        return self.student(x), {}
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -186,6 +245,13 @@ class DistillationModule(pl.LightningModule):
             if self.teacher is None:
                 raise ValueError(f"{type(self).__name__} declares teacher layers but has no teacher")
             self._teacher_hooks = FeatureHooks(self.teacher, self.teacher_layers, "teacher")
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)  # every network, the method's own modules included
+        if self.compile_options is not None and not self._compiled:
+            for network in (self.student, self.teacher):
+                if network is not None:
+                    network.compile(**self.compile_options)
+            self._compiled = True
 
     def train(self, mode: bool = True) -> "DistillationModule":
         """Switch modes as usual, but the teacher stays in eval mode: its BatchNorm statistics never move."""
@@ -204,14 +270,24 @@ class DistillationModule(pl.LightningModule):
         checkpoint["input_shape"] = self.input_shape
         # Lightning does not save random states; with them a resumed run draws the same augmentations.
         checkpoint["rng_states"] = _collect_rng_states()
+        if self.teacher_cost is not None:
+            checkpoint["teacher_cost"] = self.teacher_cost.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.input_shape = checkpoint.get("input_shape")
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
+        if self.teacher_cost is not None and "teacher_cost" in checkpoint:
+            self.teacher_cost.load_state_dict(checkpoint["teacher_cost"])
 
-    def deployable(self) -> nn.Module:
-        """The network a deployment needs (what ``lightning-kd export`` writes): the student."""
+    def deployable(self, name: Optional[str] = None) -> nn.Module:
+        """The network a deployment needs (what ``lightning-kd export`` writes): the student.
+
+        Methods that train several usable networks (DML's peers, BYOT's exits) pick one by ``name``;
+        ``None`` is always the main one.
+        """
+        if name is not None:
+            raise ValueError(f"{type(self).__name__} deploys one network, the student: give no name, got {name!r}")
         return self.student
 
     # --- forward --------------------------------------------------------------------------------
@@ -225,10 +301,22 @@ class DistillationModule(pl.LightningModule):
                 "teacher, student and data must agree on the number of classes"
             )
 
+    def needs_teacher_forward(self) -> bool:
+        """Whether this training step runs the teacher; a method with teacher-free phases returns False there."""
+        return True
+
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits under ``torch.no_grad`` (not ``inference_mode``: losses save them for backward)."""
+        """Teacher logits under ``torch.no_grad`` (not ``inference_mode``: losses save them for backward).
+
+        Images sent in training are counted in :attr:`teacher_cost`. A :class:`BlackBoxTeacher` answers
+        probabilities p; log p serves as logits, as softmax(log p / T) = softmax(z / T) for its logits z.
+        """
+        if self.teacher_cost is not None and (self._trainer is None or self.trainer.training):
+            self.teacher_cost.add(x)  # before the forward: its FLOP probe must not be the last one hooks record
         with torch.no_grad():
             logits = self.teacher(x)
+            if isinstance(self.teacher, BlackBoxTeacher):
+                logits = logits.clamp_min(torch.finfo(logits.dtype).tiny).log()
         self._check_classes(logits, "teacher")
         return logits
 
@@ -239,7 +327,7 @@ class DistillationModule(pl.LightningModule):
         step = Step(x, y, student_logits)
         if self._student_hooks is not None:
             step.student_features = self._student_hooks.pop()
-        if self.teacher is not None:
+        if self.teacher is not None and self.needs_teacher_forward():
             step.teacher_logits = self.teacher_forward(x)
             if self._teacher_hooks is not None:
                 step.teacher_features = self._teacher_hooks.pop()
@@ -266,14 +354,32 @@ class DistillationModule(pl.LightningModule):
         if self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
+    def on_train_epoch_end(self) -> None:
+        """Log the teacher's cost, summed over devices: ``teacher/images`` (so far), ``teacher/images_epoch``
+        and ``teacher/flops`` (forward FLOPs so far, where countable). Overrides must call ``super()``."""
+        if self.teacher_cost is None:
+            return
+        cost = {
+            "teacher/images_epoch": self.teacher_cost.since_last_report(),
+            "teacher/images": self.teacher_cost.images,
+        }
+        if self.teacher_cost.flops is not None:
+            cost["teacher/flops"] = self.teacher_cost.flops
+        for name, value in cost.items():
+            self.log(name, float(value), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
+
     def _evaluate(self, batch, metrics: MetricCollection, teacher_metrics: Optional[MetricCollection], prefix: str):
         x, y = batch
-        logits = self.student(x)
+        logits, named_logits = self.evaluation_logits(x)
         self._check_classes(logits, "student")
         metrics.update(logits, y)
+        for name, values in named_logits.items():
+            self.named_metrics[prefix][name].update(values, y)
+            self.log_dict(self.named_metrics[prefix][name])
         self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), batch_size=x.shape[0], sync_dist=True)
         self.log_dict(metrics)
-        if teacher_metrics is not None and self.teacher is not None:
+        # A black-box teacher is not scored: every image it is asked about counts against its budget.
+        if teacher_metrics is not None and self.teacher is not None and not isinstance(self.teacher, BlackBoxTeacher):
             teacher_metrics.update(self.teacher_forward(x), y)
             self.log_dict(teacher_metrics)
         return logits

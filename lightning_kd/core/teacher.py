@@ -1,4 +1,4 @@
-"""Loading and freezing a teacher network.
+"""Loading, freezing and class-restricting a teacher network; a black-box teacher; counting what a teacher costs.
 
 Accepted checkpoint formats (detected from the file):
 
@@ -10,10 +10,12 @@ Accepted checkpoint formats (detected from the file):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tensor]:
@@ -41,9 +43,63 @@ def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tens
     return state
 
 
-def load_weights(model: nn.Module, path: str, prefix: str = "student.") -> nn.Module:
-    """Load ``path`` into ``model``; any mismatch raises one ``ValueError`` naming the first offending key."""
+def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier of ``model``: its last ``nn.Linear`` in module order, with its module path."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier whose classes could be selected")
+    return linears[-1]
+
+
+def _class_rows(classes: Sequence[int], available: int) -> torch.Tensor:
+    rows = [int(c) for c in classes]
+    if not rows or len(set(rows)) != len(rows) or not all(0 <= r < available for r in rows):
+        raise ValueError(
+            f"teacher classes must be distinct indices in [0, {available}) (the teacher's outputs), got {rows[:20]}"
+            + (" ..." if len(rows) > 20 else "")
+        )
+    return torch.tensor(rows)
+
+
+def restrict_classifier(model: nn.Module, classes: Sequence[int]) -> nn.Module:
+    """Make ``model`` answer for ``classes`` only: output ``i`` becomes its former output ``classes[i]``.
+
+    The classifier (:func:`classifier`) is replaced by an ``nn.Linear`` holding copies of those rows, in
+    that order: a teacher trained on many classes (a 1000-class ImageNet network) answers for a subset in
+    the subset's label order, without retraining. Returns ``model``, changed in place.
+    """
+    name, layer = classifier(model)
+    rows = _class_rows(classes, layer.out_features).to(layer.weight.device)
+    restricted = nn.Linear(
+        layer.in_features, len(rows), bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype
+    )
+    with torch.no_grad():
+        restricted.weight.copy_(layer.weight[rows])
+        if layer.bias is not None:
+            restricted.bias.copy_(layer.bias[rows])
+    restricted.requires_grad_(layer.weight.requires_grad)
+    model.set_submodule(name, restricted)
+    return model
+
+
+def load_weights(
+    model: nn.Module, path: str, prefix: str = "student.", classes: Optional[Sequence[int]] = None
+) -> nn.Module:
+    """Load ``path`` into ``model``; any mismatch raises one ``ValueError`` naming the first offending key.
+
+    ``classes``: when the checkpoint's classifier has another number of outputs than ``model``'s (a
+    teacher trained on all classes, used on a subset), only its rows ``classes`` are loaded, in that order
+    (as :func:`restrict_classifier` does); a checkpoint that already fits is loaded as it is.
+    """
     state = read_state_dict(path, prefix)
+    if classes is not None:
+        name, layer = classifier(model)
+        weight = state.get(f"{name}.weight")
+        if weight is not None and weight.shape[0] != layer.out_features:
+            rows = _class_rows(classes, weight.shape[0])
+            for key in (f"{name}.weight", f"{name}.bias"):
+                if key in state:
+                    state[key] = state[key][rows]
     expected = model.state_dict()
     for key, value in expected.items():
         if key not in state:
@@ -75,3 +131,127 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     model.requires_grad_(False)
     return model.eval()
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A black-box teacher was asked about more images than its query budget allows."""
+
+
+class BlackBoxTeacher(nn.Module):
+    """A teacher seen only through its class probabilities, counting and capping the images it is asked about.
+
+    Wraps a local network or any callable (e.g. a client of a remote prediction endpoint) mapping a batch of
+    images to logits or probabilities. Every call counts ``len(x)`` queries; a call that would take the count
+    past ``budget`` raises :class:`QueryBudgetExceeded` before the teacher is asked anything. The count is part
+    of the ``state_dict`` (module extra state), so it survives a checkpoint and resume.
+
+    Args:
+        model: the teacher: an ``nn.Module`` or a callable taking a ``(B, ...)`` tensor.
+        budget: the most images the teacher may ever be asked about; ``None`` for no limit.
+        returns: whether ``model`` returns ``"logits"`` (softmax is applied) or ``"probabilities"``.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Callable[[torch.Tensor], torch.Tensor]],
+        budget: Optional[int] = None,
+        returns: Literal["logits", "probabilities"] = "logits",
+    ) -> None:
+        super().__init__()
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget must be >= 0 images (or None for no limit), got {budget}")
+        if returns not in ("logits", "probabilities"):
+            raise ValueError(f"returns must be 'logits' or 'probabilities', got {returns!r}")
+        self.model = model
+        self.budget = budget
+        self.returns = returns
+        self.queries = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(B, K)`` in float32 for the ``B`` images of ``x``, counted against the budget."""
+        asked = x.shape[0]
+        if self.budget is not None and self.queries + asked > self.budget:
+            raise QueryBudgetExceeded(
+                f"Teacher query budget exceeded: {self.queries} images already queried, {asked} more asked, "
+                f"budget {self.budget}"
+            )
+        with torch.no_grad():
+            outputs = torch.as_tensor(self.model(x), device=x.device).float()
+        self.queries += asked
+        return outputs.softmax(dim=-1) if self.returns == "logits" else outputs
+
+    def get_extra_state(self) -> dict:
+        return {"queries": self.queries}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.queries = int(state["queries"])
+
+    def extra_repr(self) -> str:
+        return f"queries={self.queries}, budget={self.budget}, returns={self.returns!r}"
+
+
+def forward_flops(model: nn.Module, sample: torch.Tensor) -> int:
+    """FLOPs of one forward pass of ``model`` on ``sample`` (``torch.utils.flop_counter.FlopCounterMode``).
+
+    Counts matrix multiplications and convolutions (a multiply-add is 2 FLOPs). The pass runs in eval mode
+    under ``torch.no_grad``, so BatchNorm statistics do not move; the previous mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(sample)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()
+
+
+class FlopsPerImage:
+    """Forward FLOPs per image of a network, counted once per image shape on a one-image probe.
+
+    Returns ``None`` for what cannot be counted: a :class:`BlackBoxTeacher` around a callable (e.g. a remote
+    endpoint). A :class:`BlackBoxTeacher` around a network is probed on that network, costing no query.
+    """
+
+    def __init__(self, network: Union[nn.Module, Callable]) -> None:
+        self.network = network.model if isinstance(network, BlackBoxTeacher) else network
+        self._per_shape: dict[tuple[int, ...], int] = {}
+
+    def __call__(self, x: torch.Tensor) -> Optional[int]:
+        if not isinstance(self.network, nn.Module):
+            return None
+        shape = tuple(x.shape[1:])
+        if shape not in self._per_shape:
+            self._per_shape[shape] = forward_flops(self.network, x[:1])
+        return self._per_shape[shape]
+
+
+class TeacherCost:
+    """Running totals of what a teacher cost in training: images sent through it and their forward FLOPs.
+
+    Plain Python integers derived from tensor shapes, so counting never waits for the accelerator.
+    ``flops`` stays ``None`` when the teacher's FLOPs cannot be counted (see :class:`FlopsPerImage`).
+    """
+
+    def __init__(self, teacher: Union[nn.Module, Callable]) -> None:
+        self.flops_per_image = FlopsPerImage(teacher)
+        self.images = 0
+        self.flops: Optional[int] = 0
+        self.images_logged = 0  # the total at the last per-epoch report
+
+    def add(self, x: torch.Tensor) -> None:
+        """Count the images of the batch ``x`` about to go through the teacher."""
+        per_image = self.flops_per_image(x)
+        self.images += x.shape[0]
+        self.flops = None if per_image is None or self.flops is None else self.flops + per_image * x.shape[0]
+
+    def since_last_report(self) -> int:
+        """Images counted since the previous call (per-epoch figure), and mark them reported."""
+        new, self.images_logged = self.images - self.images_logged, self.images
+        return new
+
+    def state_dict(self) -> dict:
+        return {"images": self.images, "flops": self.flops, "images_logged": self.images_logged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images, self.flops, self.images_logged = state["images"], state["flops"], state["images_logged"]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
-from lightning_kd.data.samplers import EpochSeededRandomSampler
+from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler
+from lightning_kd.data.tensor_resident import CropFlipNormalize, TensorImageDataset
 
 __all__ = ["ClassificationDataModule", "TransformedSubset"]
 
@@ -20,6 +23,14 @@ def _accelerator_available() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
+
+
+def _free_memory_bytes() -> int:
+    """Memory free now where the OS reports it, else physical memory; 0 where neither is known."""
+    if not hasattr(os, "sysconf"):
+        return 0
+    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
+    return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
 class TransformedSubset(Dataset):
@@ -83,6 +94,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
         seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        paired_batches: follow every training batch with a partner of the same class for each sample
+            (:class:`~lightning_kd.data.samplers.ClassPairBatchSampler`, for CS-KD): batches then hold
+            ``2 * batch_size`` samples.
+        tensor_resident: keep each split decoded as one uint8 tensor and augment and normalise whole batches
+            on the training device (``on_after_batch_transfer``) instead of per image in the workers; the
+            loaders then serve uint8 batches. ``None``: on where the module supports it and the decoded
+            splits take under a quarter of the free memory.
     """
 
     def __init__(
@@ -94,6 +112,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         val_split: float = 0.0,
         seed: int = 0,
+        paired_batches: bool = False,
+        tensor_resident: Optional[bool] = False,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -116,6 +136,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.val_split = float(val_split)
         self.seed = int(seed)
+        self.paired_batches = bool(paired_batches)
+        self.tensor_resident = None if tensor_resident is None else bool(tensor_resident)
+        self._batch_transform: Optional[CropFlipNormalize] = None  # set by setup() for tensor-resident splits
 
         self._class_names: Optional[list[str]] = None
         self.train_dataset: Optional[Dataset] = None
@@ -140,6 +163,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Transform of the validation/test images."""
         raise NotImplementedError
 
+    def batch_transform(self) -> Optional[CropFlipNormalize]:
+        """The per-batch counterpart of :meth:`train_transform` / :meth:`eval_transform` for tensor-resident
+        splits; ``None`` (the default): this module has no tensor-resident path."""
+        return None
+
+    def decode_transform(self) -> Callable[[Any], torch.Tensor]:
+        """A raw image to the uint8 ``(C, H, W)`` tensor kept for the tensor-resident path (all of one size)."""
+        return v2.Compose([v2.ToImage(), v2.ToPureTensor()])
+
     # ------------------------------------------------------------------ datasets
     @property
     def class_names(self) -> list[str]:
@@ -162,7 +194,16 @@ class ClassificationDataModule(pl.LightningDataModule):
                 f"{type(self).__name__}: the data has {len(class_names)} classes but num_classes is "
                 f"{self.num_classes}"
             )
-        train_tf, eval_tf = self.train_transform(), self.eval_transform()
+        if self._decodes_to_tensors(train, test):
+            decode = self.decode_transform()
+            train, test = (
+                TensorImageDataset.decode(TransformedSubset(split, None, decode), self.num_workers)
+                for split in (train, test)
+            )
+            train_tf = eval_tf = None
+            self._batch_transform = self.batch_transform()
+        else:
+            train_tf, eval_tf = self.train_transform(), self.eval_transform()
         if self.val_split > 0.0:
             n = len(train)  # type: ignore[arg-type]
             n_val = max(1, int(round(self.val_split * n)))
@@ -180,6 +221,31 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.test_dataset = TransformedSubset(test, None, eval_tf)
         self._class_names = list(class_names)
 
+    def _decodes_to_tensors(self, train: Dataset, test: Dataset) -> bool:
+        """Whether :meth:`setup` keeps the splits as uint8 tensors (resolving ``tensor_resident=None``)."""
+        if self.tensor_resident is False:
+            return False
+        if self.batch_transform() is None:
+            if self.tensor_resident:
+                raise ValueError(f"{type(self).__name__} has no tensor-resident path: set tensor_resident=false")
+            return False
+        if self.tensor_resident:
+            return True
+        image, _ = TransformedSubset(train, [0], self.decode_transform())[0]
+        return image.numel() * (len(train) + len(test)) < _free_memory_bytes() / 4  # type: ignore[arg-type]
+
+    def transform_batch(self, batch: Any, augment: bool) -> Any:
+        """Finish a batch on its device: a tensor-resident batch is augmented (if ``augment``) and normalised,
+        any other is returned as it is."""
+        if self._batch_transform is None:
+            return batch
+        images, targets = batch
+        return self._batch_transform(images, augment), targets
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        training = self.trainer is not None and self.trainer.training
+        return self.transform_batch(batch, augment=training)
+
     # ------------------------------------------------------------------ dataloaders
     def _require(self, dataset: Optional[Dataset], name: str) -> Dataset:
         if dataset is None:
@@ -187,14 +253,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = EpochSeededRandomSampler(len(dataset), seed=self.seed) if train else None  # type: ignore[arg-type]
+        if train and self.paired_batches:
+            targets = dataset.targets  # type: ignore[attr-defined]
+            batching = {"batch_sampler": ClassPairBatchSampler(sampler, self.batch_size, False, targets)}
+        else:
+            batching = {"batch_size": self.batch_size, "sampler": sampler, "drop_last": False}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededRandomSampler(len(dataset), seed=self.seed) if train else None,  # type: ignore[arg-type]
+            **batching,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:

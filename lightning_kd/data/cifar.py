@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -11,6 +11,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightning_kd.data.base import ClassificationDataModule
+from lightning_kd.data.tensor_resident import CropFlipNormalize
 
 __all__ = [
     "CIFAR10DataModule",
@@ -46,6 +47,8 @@ class _CIFARDataModule(ClassificationDataModule):
         persistent_workers: bool = True,
         val_split: float = 0.0,
         seed: int = 0,
+        paired_batches: bool = False,
+        tensor_resident: Optional[bool] = None,
     ) -> None:
         super().__init__(
             root=os.path.expanduser(str(root)),
@@ -55,6 +58,8 @@ class _CIFARDataModule(ClassificationDataModule):
             persistent_workers=persistent_workers,
             val_split=val_split,
             seed=seed,
+            paired_batches=paired_batches,
+            tensor_resident=tensor_resident,
         )
         self.download = bool(download)
 
@@ -104,6 +109,9 @@ class _CIFARDataModule(ClassificationDataModule):
             ]
         )
 
+    def batch_transform(self) -> CropFlipNormalize:
+        return CropFlipNormalize(padding=4, mean=self.MEAN, std=self.STD)
+
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         return v2.Compose(
             [
@@ -130,6 +138,9 @@ class CIFAR10DataModule(_CIFARDataModule):
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
         seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
+        tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
+            batches on the training device; ``None``: on where it fits in memory (a quarter of the free memory).
     """
 
     dataset_cls = datasets.CIFAR10
@@ -148,6 +159,8 @@ class CIFAR10DataModule(_CIFARDataModule):
         persistent_workers: bool = True,
         val_split: float = 0.0,
         seed: int = 0,
+        paired_batches: bool = False,
+        tensor_resident: Optional[bool] = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -158,6 +171,8 @@ class CIFAR10DataModule(_CIFARDataModule):
             persistent_workers=persistent_workers,
             val_split=val_split,
             seed=seed,
+            paired_batches=paired_batches,
+            tensor_resident=tensor_resident,
         )
 
 
@@ -177,6 +192,9 @@ class CIFAR100DataModule(_CIFARDataModule):
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
         seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
+        tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
+            batches on the training device; ``None``: on where it fits in memory (a quarter of the free memory).
     """
 
     dataset_cls = datasets.CIFAR100
@@ -195,6 +213,8 @@ class CIFAR100DataModule(_CIFARDataModule):
         persistent_workers: bool = True,
         val_split: float = 0.0,
         seed: int = 0,
+        paired_batches: bool = False,
+        tensor_resident: Optional[bool] = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -205,4 +225,6 @@ class CIFAR100DataModule(_CIFARDataModule):
             persistent_workers=persistent_workers,
             val_split=val_split,
             seed=seed,
+            paired_batches=paired_batches,
+            tensor_resident=tensor_resident,
         )

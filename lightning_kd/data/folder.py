@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from lightning_kd.data.base import ClassificationDataModule
 from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+from lightning_kd.data.tensor_resident import CropFlipNormalize
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -61,6 +62,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_split: fraction of the training split held out for validation; 0 validates on
             the val/test split, as most of the literature reports.
         seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
+        tensor_resident: for ``image_size <= 64``, decode every image once (Resize + CenterCrop to
+            ``image_size``, in memory) into one uint8 tensor and crop, flip and normalise whole batches on the
+            training device; ``None``: on for such sizes where it fits in memory (a quarter of the free memory).
+            Square images give the per-sample path's augmentation; others are center-cropped before it.
     """
 
     def __init__(
@@ -75,6 +81,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         persistent_workers: bool = True,
         val_split: float = 0.0,
         seed: int = 0,
+        paired_batches: bool = False,
+        tensor_resident: Optional[bool] = None,
     ) -> None:
         super().__init__(
             root=os.path.expanduser(str(root)),
@@ -84,6 +92,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             persistent_workers=persistent_workers,
             val_split=val_split,
             seed=seed,
+            paired_batches=paired_batches,
+            tensor_resident=tensor_resident,
         )
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
@@ -192,6 +202,15 @@ class ImageFolderDataModule(ClassificationDataModule):
                 v2.Normalize(mean=list(self.mean), std=list(self.std)),
             ]
         )
+
+    def batch_transform(self) -> Optional[CropFlipNormalize]:
+        if self.image_size > _SMALL_IMAGE_MAX:
+            return None
+        return CropFlipNormalize(padding=self.image_size // 8, mean=self.mean, std=self.std)
+
+    def decode_transform(self) -> Callable[[Any], torch.Tensor]:
+        size = self.image_size
+        return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToPureTensor()])
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         size = self.image_size

@@ -1,4 +1,4 @@
-"""Samplers whose order is a pure function of ``(seed, epoch)``.
+"""Samplers whose order is a pure function of ``(seed, epoch)``, and class-pair batches (CS-KD).
 
 ``torch.utils.data.RandomSampler`` draws its permutation from the global RNG (or from a
 generator whose state advances every epoch), so a run that is interrupted and resumed
@@ -10,18 +10,22 @@ start of every training epoch (also after resuming), so the order is reproducibl
 Under DDP, Lightning wraps any custom sampler in a
 ``lightning_fabric.utilities.distributed.DistributedSamplerWrapper`` that forwards
 ``set_epoch`` to this sampler and shards its (already shuffled) indices across ranks.
+
+:class:`ClassPairBatchSampler` follows each batch with a partner of the same class for every
+sample, as class-wise self-distillation (CS-KD) needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections import defaultdict
+from collections.abc import Iterator, Sequence, Sized
 from typing import Union
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["EpochSeededRandomSampler"]
+__all__ = ["ClassPairBatchSampler", "EpochSeededRandomSampler"]
 
 _UINT64_MASK = (1 << 64) - 1
 
@@ -74,3 +78,57 @@ class EpochSeededRandomSampler(Sampler[int]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, epoch={self.epoch})"
+
+
+def same_class_partners(anchors: Sequence[int], targets: Sequence[int]) -> list[int]:
+    """For each anchor, the next anchor of its class in ``anchors`` (cyclically; itself if alone in its class).
+
+    In a shuffled order this is a random other sample of the same class, and every anchor is also
+    exactly one anchor's partner.
+    """
+    positions = defaultdict(list)
+    for position, index in enumerate(anchors):
+        positions[int(targets[index])].append(position)
+    partners = list(anchors)
+    for same_class in positions.values():
+        for here, there in zip(same_class, same_class[1:] + same_class[:1]):
+            partners[here] = anchors[there]
+    return partners
+
+
+class ClassPairBatchSampler(BatchSampler):
+    """Batches of ``batch_size`` indices drawn from ``sampler``, followed by as many partners of the same classes.
+
+    A batch reads ``[a_1 … a_B, p_1 … p_B]`` with ``targets[p_i] == targets[a_i]`` (Yun et al. 2020, CS-KD):
+    the model splits it in halves. Partners come from the epoch's own anchors (:func:`same_class_partners`),
+    so the pairing depends only on the anchor order and reshuffles with it (the authors' sampler instead
+    draws each partner from the whole class, with repeats; here every sample is a partner once an epoch).
+
+    Under DDP, Lightning re-creates this batch sampler around a ``DistributedSampler`` (it passes it as
+    ``sampler``, which is why that argument keeps its name), so each rank pairs within its own shard, and
+    calls ``set_epoch`` on that sampler every epoch. With ``use_distributed_sampler=False`` nothing is
+    sharded (every rank sees all the data), as for any other sampler.
+
+    Args:
+        sampler: the anchor order, e.g. an :class:`EpochSeededRandomSampler` or a ``DistributedSampler``.
+        batch_size: anchors per batch (a batch holds twice as many samples).
+        drop_last: drop the last batch when it has fewer than ``batch_size`` anchors.
+        targets: the class of every dataset index.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, targets: Sequence[int]) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.targets = targets
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle: select the anchor order (and so the pairs) of ``epoch``."""
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        anchors = [int(index) for index in self.sampler]
+        partners = same_class_partners(anchors, self.targets)
+        for start in range(0, len(anchors), self.batch_size):
+            batch = anchors[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch + partners[start : start + self.batch_size]

@@ -1,5 +1,31 @@
 """One file per paper: its loss as a pure function and its LightningModule."""
+from lightning_kd.methods.active_mixup import ActiveMixup, least_confident_mixes, soft_target_loss
+from lightning_kd.methods.at import AT, at_loss, attention_energy
 from lightning_kd.methods.baseline import Baseline
-from lightning_kd.methods.kd import KD, kd_loss
+from lightning_kd.methods.byot import BYOT, byot_loss
+from lightning_kd.methods.cskd import CSKD, cskd_loss
+from lightning_kd.methods.dml import DML, dml_loss
+from lightning_kd.methods.fsp import FSP, fsp_loss, fsp_matrix
+from lightning_kd.methods.kd import KD, FeatureDistillation, kd_loss
+from lightning_kd.methods.msd import MSD, msd_loss
+from lightning_kd.methods.sp import SP, similarity_matrix, sp_loss
+from lightning_kd.methods.tfkd import (
+    LabelSmoothing,
+    TfKDReg,
+    TfKDSelf,
+    label_smoothing_loss,
+    tfkd_reg_loss,
+    tfkd_self_loss,
+    virtual_teacher,
+)
+from lightning_kd.methods.unixkd import UNIXKD, uncertainty, unix_loss_terms, unix_mix_weights
 
-__all__ = ["Baseline", "KD", "kd_loss"]
+__all__ = [
+    "Baseline", "KD", "kd_loss",
+    "CSKD", "cskd_loss", "BYOT", "byot_loss", "MSD", "msd_loss", "DML", "dml_loss",
+    "FeatureDistillation", "AT", "at_loss", "attention_energy", "SP", "similarity_matrix", "sp_loss",
+    "FSP", "fsp_loss", "fsp_matrix",
+    "LabelSmoothing", "TfKDReg", "TfKDSelf", "label_smoothing_loss", "tfkd_reg_loss", "tfkd_self_loss", "virtual_teacher",
+    "ActiveMixup", "least_confident_mixes", "soft_target_loss",
+    "UNIXKD", "uncertainty", "unix_loss_terms", "unix_mix_weights",
+]

@@ -1,0 +1,250 @@
+"""Render the results of ``benchmarks/cifar10_protocol.py``: a markdown table and a plot.
+
+    python benchmarks/render_cifar10.py [--results benchmarks/results/cifar10_cpu.json]
+                                        [--markdown benchmarks/results/cifar10_cpu.md]
+                                        [--plot benchmarks/results/cifar10_cpu.png]
+
+The table has one row per method (and student/teacher pair): top-1 on the test images after the last epoch, as
+mean ± standard deviation over the seeds that finished, the difference from the Baseline of the same student, and
+whether that difference is beyond the run-to-run noise. The noise sigma is the pooled standard deviation of the
+methods run with several seeds; a difference counts as beyond the noise when it exceeds two standard errors,
+2·sigma·sqrt(1/n + 1/n_Baseline). The markdown is printed and written; the plot has two panels: top-1 per method
+with the seeds and their spread, and top-1 against the images the teacher was asked about (KD, UNIX KD, and
+Active Mixup after each query round).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER_AXIS_METHODS = ("kd", "unix", "active_mixup")
+
+
+def percent(value: float) -> float:
+    return 100.0 * value
+
+
+def group_runs(runs: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Records by (method, student, teacher), groups in the order of their first record, records by seed."""
+    groups = defaultdict(list)
+    for record in runs:
+        groups[(record["method"], record["student"], record.get("teacher") or "")].append(record)
+    return {key: sorted(records, key=lambda r: r["seed"]) for key, records in groups.items()}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def pooled_std(groups: dict[tuple, list[dict]]) -> tuple[float, int]:
+    """Pooled standard deviation (percentage points) of the groups with several seeds, and its degrees of freedom."""
+    squares, freedom = 0.0, 0
+    for records in groups.values():
+        if len(records) > 1:
+            values = [percent(r["val_acc1"]) for r in records]
+            squares += (len(values) - 1) * statistics.variance(values)
+            freedom += len(values) - 1
+    return (math.sqrt(squares / freedom), freedom) if freedom else (float("nan"), 0)
+
+
+def baseline_of(groups: dict[tuple, list[dict]], student: str) -> list[dict]:
+    return next((records for (method, s, _), records in groups.items() if method == "baseline" and s == student), [])
+
+
+def noise_verdict(delta: float, n: int, n_baseline: int, sigma: float) -> str:
+    if math.isnan(sigma) or n_baseline == 0:
+        return "?"
+    band = 2 * sigma * math.sqrt(1 / n + 1 / n_baseline)
+    if abs(delta) <= band:
+        return f"within noise (±{band:.2f})"
+    return f"{'above' if delta > 0 else 'below'} (±{band:.2f})"
+
+
+def notes(method: str, records: list[dict], baseline_epochs) -> str:
+    """What a row needs besides its accuracy: other outputs, efficiency figures, a different schedule."""
+    last = records[-1]
+    extra = last.get("extra", {})
+    parts = []
+    if baseline_epochs is not None and last["epochs"] != baseline_epochs:
+        parts.append(f"{last['epochs']} epochs")
+    peers = [f"{percent(v):.2f}" for k, v in sorted(extra.items())
+             if k.startswith("val/acc1/peer_") and k != "val/acc1/peer_0"]
+    if peers:
+        parts.append("other peer " + " / ".join(peers))
+    exits = [f"{percent(v):.2f}" for k, v in sorted(extra.items()) if k.startswith("val/acc1/exit_")]
+    if exits:
+        parts.append(f"exits {' / '.join(exits)}, ensemble {percent(extra['val/acc1/ensemble']):.2f}")
+    if "unix/computation_vs_kd" in extra:
+        parts.append(f"computation {100 * extra['unix/computation_vs_kd']:.1f}% of KD's")
+    if last.get("accuracy_vs_queries"):
+        curve = ", ".join(f"{q:,}: {percent(a):.2f}" for q, a in last["accuracy_vs_queries"])
+        parts.append(f"top-1 after each round (queries: %) {curve}")
+    if method == "tfkd_self":
+        parts.append("teacher: the Baseline student of the same seed")
+    return "; ".join(parts)
+
+
+def describe(protocol: dict) -> str:
+    if protocol.get("profile") != "cpu-cifar10":
+        return f"Profile {protocol.get('profile')}: {protocol.get('schedule', '')}."
+    fraction = protocol["train_fraction"]
+    data = "all training batches" if fraction == 1 else f"{fraction:g} of the training batches"
+    return (
+        f"CIFAR-10 (an ImageFolder tree of its training and test images), teacher {protocol['teacher']} trained with "
+        f"Baseline for {protocol['teacher_epochs']} epochs, every method training {protocol['student']} for "
+        f"{protocol['epochs']} epochs ({data} per epoch, batch {protocol['batch_size']}, {protocol['optimizer']}). "
+        "Top-1 on all the test images after the last epoch."
+    )
+
+
+def render_markdown(results: dict, plot_link: str | None) -> str:
+    groups = group_runs(results["runs"])
+    sigma, freedom = pooled_std(groups)
+    several_students = len({student for (m, student, _) in groups if m != "teacher"}) > 1
+    lines = [describe(results["protocol"]), ""]
+    lines.append("| Method | Seeds | Top-1 (%) | Δ vs Baseline | vs noise | Teacher images | CPU min/run (wall) | Notes |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for (method, student, teacher), records in groups.items():
+        values = [percent(r["val_acc1"]) for r in records]
+        mean, std = mean_std(values)
+        accuracy = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+        label = records[0]["label"]
+        if method == "teacher":
+            label = f"{label} ({student})"
+        elif several_students:
+            label = f"{label} ({teacher + ' → ' if teacher else ''}{student})"
+        baseline = baseline_of(groups, student)
+        delta = verdict = ""
+        if method not in ("baseline", "teacher") and baseline:
+            difference = mean - statistics.fmean(percent(r["val_acc1"]) for r in baseline)
+            delta, verdict = f"{difference:+.2f}", noise_verdict(difference, len(values), len(baseline), sigma)
+        images = records[-1].get("teacher_images") or 0
+        cpu, wall = (statistics.fmean(r[key] for r in records) / 60 for key in ("cpu_s", "wall_s"))
+        baseline_epochs = baseline[0]["epochs"] if baseline and method != "teacher" else None
+        seeds = ", ".join(str(r["seed"]) for r in records)
+        lines.append(
+            f"| {label} | {seeds} | {accuracy} | {delta} | {verdict} | {f'{images:,}' if images else '—'} "
+            f"| {cpu:.0f} ({wall:.0f}) | {notes(method, records, baseline_epochs)} |"
+        )
+    runs = results["runs"]
+    cpu_hours, wall_hours = (sum(r[key] for r in runs) / 3600 for key in ("cpu_s", "wall_s"))
+    lines += ["", noise_statement(groups, sigma, freedom),
+              "", f"Finished runs: {len(runs)}, {cpu_hours:.1f} CPU-hours ({wall_hours:.1f} hours of wall time) in all."]
+    if plot_link:
+        lines += ["", f"![Top-1 per method, and against the images the teacher was asked about]({plot_link})"]
+    return "\n".join(lines) + "\n"
+
+
+def noise_statement(groups: dict[tuple, list[dict]], sigma: float, freedom: int) -> str:
+    if not freedom:
+        return "Run-to-run noise: not measured yet (no method has finished with two seeds or more)."
+    several = ", ".join(f"{records[0]['label']} ({len(records)})" for records in groups.values() if len(records) > 1)
+    text = (
+        f"Run-to-run noise: sigma = {sigma:.2f} points, the pooled standard deviation over seeds of {several}. "
+        "A difference from the Baseline is beyond the noise when it exceeds 2·sigma·sqrt(1/n + 1/n_Baseline), "
+        "n the seeds of each."
+    )
+    for (method, student, _), records in groups.items():
+        baseline = baseline_of(groups, student)
+        if method == "kd" and baseline:
+            kd, base = (statistics.fmean(percent(r["val_acc1"]) for r in rs) for rs in (records, baseline))
+            error = sigma * math.sqrt(1 / len(records) + 1 / len(baseline))
+            text += (
+                f" KD − Baseline ({student}): {kd - base:+.2f} points, {(kd - base) / error:.1f} standard errors "
+                f"({len(records)} vs {len(baseline)} seeds)."
+            )
+    return text
+
+
+def render_plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(results["runs"])
+    figure, (per_method, per_image) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.1, 1]})
+    rows = [(key, records) for key, records in groups.items()]
+    several_students = len({student for (m, student, _) in groups if m != "teacher"}) > 1
+    for position, ((method, student, teacher), records) in enumerate(rows):
+        values = [percent(r["val_acc1"]) for r in records]
+        mean, std = mean_std(values)
+        colour = "tab:grey" if method == "teacher" else "tab:red" if method == "baseline" else "tab:blue"
+        per_method.scatter(values, [position] * len(values), s=14, color=colour, alpha=0.5, zorder=2)
+        per_method.errorbar(mean, position, xerr=0 if math.isnan(std) else std, fmt="o", color=colour, capsize=4,
+                            zorder=3)
+    labels = [
+        f"{records[0]['label']} ({student})" if method == "teacher" or several_students else records[0]["label"]
+        for (method, student, _), records in rows
+    ]
+    per_method.set_yticks(range(len(rows)), labels)
+    per_method.invert_yaxis()
+    for (method, student, _), records in rows:
+        if method == "baseline" and not several_students:
+            values = [percent(r["val_acc1"]) for r in records]
+            mean, std = mean_std(values)
+            per_method.axvline(mean, color="tab:red", lw=0.8, ls="--")
+            if not math.isnan(std):
+                per_method.axvspan(mean - std, mean + std, color="tab:red", alpha=0.1, lw=0)
+    per_method.set_xlabel("top-1 (%) on the test images; dots: seeds, bars: ±1 std over seeds")
+    per_method.set_title("Top-1 per method")
+    per_method.grid(axis="x", alpha=0.3)
+
+    plotted = False
+    for (method, student, _), records in groups.items():
+        if method not in TEACHER_AXIS_METHODS:
+            continue
+        label = records[0]["label"] + (f" ({student})" if several_students else "")
+        if method == "active_mixup":
+            for record in records:
+                queries, accuracy = zip(*record["accuracy_vs_queries"]) if record["accuracy_vs_queries"] else ((), ())
+                per_image.plot(queries, [percent(a) for a in accuracy], "o-", label=f"{label}, after each round")
+        else:
+            values = [percent(r["val_acc1"]) for r in records]
+            mean, std = mean_std(values)
+            per_image.errorbar(records[-1]["teacher_images"], mean, yerr=0 if math.isnan(std) else std, fmt="s",
+                               capsize=4, label=label)
+        plotted = True
+    for (method, student, _), records in groups.items():
+        if method in ("baseline", "teacher") and not several_students:
+            mean = statistics.fmean(percent(r["val_acc1"]) for r in records)
+            name = "Baseline, no teacher" if method == "baseline" else f"Teacher ({student})"
+            per_image.axhline(mean, color="tab:red" if method == "baseline" else "tab:grey", ls="--", lw=0.8,
+                              label=name)
+    if plotted:
+        per_image.set_xscale("log")
+    per_image.set_xlabel("images the teacher was asked about in training (log scale)")
+    per_image.set_ylabel("top-1 (%)")
+    per_image.set_title("Top-1 against teacher images")
+    per_image.grid(alpha=0.3)
+    per_image.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.path.join(REPO, "benchmarks/results/cifar10_cpu.json"))
+    parser.add_argument("--markdown", help="default: the results' path ending in .md")
+    parser.add_argument("--plot", help="default: the results' path ending in .png")
+    args = parser.parse_args(argv)
+    stem = os.path.splitext(args.results)[0]
+    markdown_path, plot_path = args.markdown or stem + ".md", args.plot or stem + ".png"
+    with open(args.results) as file:
+        results = json.load(file)
+    render_plot(results, plot_path)
+    link = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
+    markdown = render_markdown(results, link)
+    with open(markdown_path, "w") as file:
+        file.write(markdown)
+    print(markdown, end="")
+
+
+if __name__ == "__main__":
+    main()

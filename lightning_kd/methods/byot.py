@@ -1,0 +1,258 @@
+"""Zhang, Song, Gao, Chen, Bao & Ma, "Be Your Own Teacher: Improve the Performance of Convolutional Neural
+Networks via Self Distillation" (BYOT, ICCV 2019, arXiv 1905.08094)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import Conv2dNormActivation
+
+from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range
+from lightning_kd.methods.kd import kd_loss
+from lightning_kd.models import stage_names
+
+
+def feature_hint(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖F_i − F_C‖² averaged over the batch and the feature's D elements (the mean squared error).
+
+    Under this normalisation λ = 0.03 weighs the hint in the same order as the public reproduction's 1e-6
+    on raw sums (over a batch of 128 pooled 512-wide features: 1e-6·128·512 ≈ 0.07).
+    """
+    return F.mse_loss(features, target)
+
+
+def byot_loss(
+    exit_logits: torch.Tensor,
+    exit_features: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    feature_weight: float,
+) -> dict[str, torch.Tensor]:
+    """The BYOT objective (Zhang et al. 2019), summed over the exits i = 1…C, C the deepest:
+
+        (1−α)·CE(q_i, y) + α·T²·KL(q_C ‖ q_i) + λ·‖F_i − F_C‖²
+
+    with q = softmax(logits/T) in the KL term; the deepest exit's logits and feature are fixed targets
+    (detached), so for i = C only the cross-entropy remains.
+
+    Args:
+        exit_logits: (C, B, K) logits of every exit, shallowest first, the deepest last.
+        exit_features: (C, B, D) features of every exit, aligned by the bottlenecks to the deepest's width.
+        targets: (B,) class labels.
+        alpha: weight α of the distillation term (the cross-entropy gets 1 − α).
+        temperature: softening temperature T.
+        feature_weight: weight λ of the feature hint.
+
+    Returns:
+        the weighted terms ``ce``, ``kd`` and ``hint``.
+    """
+    deepest_logits, deepest_feature = exit_logits[-1].detach(), exit_features[-1].detach()
+    ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
+    kd = sum(kd_loss(logits, deepest_logits, temperature) for logits in exit_logits[:-1])
+    hint = sum(feature_hint(features, deepest_feature) for features in exit_features[:-1])
+    return {"ce": (1 - alpha) * ce, "kd": alpha * kd, "hint": feature_weight * hint}
+
+
+def probe_shapes(network: nn.Module, names: Sequence[str], image_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shape (without the batch) of each named module that runs on one RGB ``image_size``² input.
+
+    The network runs once in eval mode without gradients (no BatchNorm statistic moves) and keeps its mode.
+    """
+    hooks = FeatureHooks(network, names, "student")
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, image_size, image_size))
+        outputs = hooks.pop()
+    finally:
+        hooks.remove()
+        network.train(was_training)
+    return {name: tuple(output.shape[1:]) for name, output in outputs.items() if torch.is_tensor(output)}
+
+
+class ExitHead(nn.Module):
+    """An auxiliary classifier: a bottleneck to the deepest stage's width and resolution, pooling and a linear layer.
+
+    The bottleneck halves the resolution with one 3×3 stride-2 conv-BN-ReLU per halving between the two
+    shapes, the width growing geometrically to the deepest's (a 1×1 conv-BN-ReLU when no halving is needed).
+
+    Args:
+        in_shape: (C, H, W) of the stage the head reads.
+        out_shape: (C, H, W) of the deepest stage.
+        num_classes: number of classes.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        (in_width, in_height, _), (out_width, out_height, _) = in_shape, out_shape
+        halvings = max(0, round(math.log2(in_height / out_height)))
+        if halvings == 0:
+            layers = [Conv2dNormActivation(in_width, out_width, kernel_size=1)]
+        else:
+            widths = [round(in_width * (out_width / in_width) ** (k / halvings)) for k in range(halvings + 1)]
+            layers = [Conv2dNormActivation(a, b, kernel_size=3, stride=2) for a, b in zip(widths, widths[1:])]
+        self.bottleneck = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(out_width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, D) feature aligned with the deepest stage's pooled feature."""
+        return self.pool(self.bottleneck(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class HookedTrunk(nn.Module):
+    """A whole network run for the output of one of its modules, taken by a hook: ``{stage: output}``."""
+
+    def __init__(self, network: nn.Module, stage: str) -> None:
+        super().__init__()
+        self.network = network
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hooks = FeatureHooks(self.network, [self.stage])
+        try:
+            self.network(x)
+        finally:
+            hooks.remove()
+        return hooks.pop()
+
+
+class EarlyExit(nn.Module):
+    """A network up to one stage, then that stage's head: what deploying a shallow exit needs.
+
+    The trunk is the network cut after the stage by ``torch.fx`` (what follows is left out). A network fx
+    cannot trace (data-dependent control flow, like the zoo's VGG) runs whole instead, with a warning.
+    """
+
+    def __init__(self, network: nn.Module, stage: str, head: ExitHead) -> None:
+        super().__init__()
+        try:
+            self.trunk = create_feature_extractor(network, return_nodes=[stage])
+        except Exception as error:  # fx tracing fails with many exception types
+            warnings.warn(
+                f"torch.fx cannot cut {type(network).__name__} after {stage!r} ({type(error).__name__}: {error}); "
+                "the exit runs the whole network",
+                stacklevel=2,
+            )
+            self.trunk = HookedTrunk(network, stage)
+        self.stage = stage
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x)[self.stage])
+
+
+@dataclasses.dataclass
+class ExitStep(Step):
+    """A step of a multi-exit network: logits (C, B, K) and aligned features (C, B, D), the deepest last."""
+
+    exit_logits: Optional[torch.Tensor] = None
+    exit_features: Optional[torch.Tensor] = None
+
+
+class BYOT(DistillationModule):
+    """Be Your Own Teacher: classifiers after the stages of one network, the deepest teaching the others.
+
+    An :class:`ExitHead` (bottleneck + pooling + fc) is attached after every stage but the last, whose
+    classifier is the network's own; the heads are sized by probing the stages' shapes with a dummy
+    forward, so any backbone works whose stages output (B, C, H, W) maps. Loss: :func:`byot_loss`.
+    Validation logs every exit (``val/acc1/exit_1`` … ``exit_C``) and the ensemble of all of them (mean of
+    their softmax, ``val/acc1/ensemble``); ``val/acc1`` is the deepest exit. Export picks an exit by name
+    (``--network exit_2``); the default, the deepest, is the plain network without any head.
+
+    As in :func:`byot_loss` and the public reproduction, every exit's cross-entropy, the deepest's included,
+    is weighted 1 − α; the hint compares the pooled features (:func:`feature_hint`).
+
+    Args:
+        stages: module paths after which the exits read, in depth order; the last is the final feature map
+            (its exit is the network's own classifier). Default: :func:`lightning_kd.models.stage_names`.
+        alpha: weight α ∈ [0, 1] of the distillation from the deepest exit (usual: 0.3 or 0.1).
+        temperature: softening temperature T > 0 (paper: 3).
+        feature_weight: weight λ ≥ 0 of the feature hint (paper: 0.03).
+        image_size: side of the square RGB input used to probe the stages' shapes (the training size).
+    """
+
+    needs_teacher = False
+
+    def __init__(
+        self,
+        stages: Optional[list[str]] = None,
+        alpha: float = 0.3,
+        temperature: float = 3.0,
+        feature_weight: float = 0.03,
+        image_size: int = 32,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_range("alpha", alpha, 0.0, 1.0)
+        check_range("temperature", temperature, 0.0, low_open=True)
+        check_range("feature_weight", feature_weight, 0.0)
+        check_range("image_size", image_size, 1)
+        self.alpha = alpha
+        self.temperature = temperature
+        self.feature_weight = feature_weight
+        self.image_size = image_size
+        self.stages = list(stages) if stages is not None else stage_names(self.student)
+        if len(self.stages) < 2:
+            name = type(self).__name__
+            raise ValueError(f"{name} needs at least 2 stages (an exit besides the last), got {self.stages}")
+        shapes = probe_shapes(self.student, self.stages, image_size)
+        for stage in self.stages:
+            if len(shapes.get(stage, ())) != 3:
+                found = f"outputs shape {shapes[stage]}" if stage in shapes else "does not run in forward"
+                raise ValueError(f"Stage {stage!r} {found}: every stage must output a (B, C, H, W) feature map")
+        deepest = shapes[self.stages[-1]]
+        self.heads = nn.ModuleList(ExitHead(shapes[stage], deepest, self.num_classes) for stage in self.stages[:-1])
+        self.student_layers = list(self.stages)
+        self.exit_names = [f"exit_{k}" for k in range(1, len(self.stages) + 1)]
+        self.score_outputs([*self.exit_names, "ensemble"])
+
+    def exit_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The feature map each head reads: the output of its stage."""
+        return [features[stage] for stage in self.stages[:-1]]
+
+    def exits(self, logits: torch.Tensor, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (C, B, K) and aligned features (C, B, D) of every exit, the network's own last."""
+        aligned = [head.features(x) for head, x in zip(self.heads, self.exit_inputs(features))]
+        exit_logits = [head.fc(feature) for head, feature in zip(self.heads, aligned)] + [logits]
+        aligned.append(F.adaptive_avg_pool2d(features[self.stages[-1]], 1).flatten(1))
+        return torch.stack(exit_logits), torch.stack(aligned)
+
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> ExitStep:
+        step = super().forward_step(x, y)
+        exit_logits, exit_features = self.exits(step.student_logits, step.student_features)
+        return ExitStep(x, y, step.student_logits, exit_logits=exit_logits, exit_features=exit_features)
+
+    def loss_terms(self, step: ExitStep) -> dict[str, torch.Tensor]:
+        return byot_loss(
+            step.exit_logits, step.exit_features, step.targets, self.alpha, self.temperature, self.feature_weight
+        )
+
+    def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.student(x)
+        exit_logits, _ = self.exits(logits, self._student_hooks.pop())
+        named = dict(zip(self.exit_names, exit_logits))
+        named["ensemble"] = exit_logits.float().softmax(dim=-1).mean(dim=0)
+        return logits, named
+
+    def deployable(self, name: Optional[str] = None) -> nn.Module:
+        """The network up to exit ``name`` (``exit_1`` … ``exit_C``) with its head; default: the deepest, the
+        network alone."""
+        if name is None or name == self.exit_names[-1]:
+            return self.student
+        if name not in self.exit_names:
+            raise ValueError(f"{type(self).__name__} deploys one of the exits {self.exit_names}, got {name!r}")
+        k = self.exit_names.index(name)
+        return EarlyExit(self.student, self.stages[k], self.heads[k])

@@ -1,0 +1,101 @@
+"""Luan, Zhao, Yang & Dai, "MSD: Multi-Self-Distillation Learning via Multi-classifiers within Deep Neural
+Networks" (arXiv 1911.09418).
+
+No public code exists; this is our reading of the paper:
+
+* Classifiers: as in BYOT, an auxiliary classifier (bottleneck + pooling + fc) after every stage but the
+  last, plus the network's own classifier.
+* Every classifier learns from every other: classifier i gets (1−α)·CE(q_i, y) plus α·T² times the mean
+  over the other classifiers j of KL(q_j ‖ q_i), each q_j a fixed target. Unlike BYOT, the shallow
+  classifiers teach each other and the deepest one too. The feature hint from each aligned exit feature
+  to the deepest stage's is kept from BYOT.
+* Sampling-based branch augmentation: a stage that is a chain of blocks (an ``nn.Sequential`` of modules
+  with submodules, like every ResNet stage) offers the output of each of its blocks that has the stage
+  output's shape as a branch point. At every training step each head reads one of its stage's branch
+  points, drawn uniformly, so one head trains as a family of classifiers of graded depth; this narrows the
+  capacity gap between neighbouring classifiers, which the paper names as what makes the mutual
+  distillation effective. Validation, test and export read the stage outputs, as BYOT does.
+* Defaults are BYOT's: α = 0.3, T = 3, λ = 0.03.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kd.methods.byot import BYOT, ExitStep, feature_hint, probe_shapes
+from lightning_kd.methods.kd import kd_loss
+
+
+def msd_loss(
+    exit_logits: torch.Tensor,
+    exit_features: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    feature_weight: float,
+) -> dict[str, torch.Tensor]:
+    """The MSD objective as we read Luan et al. 2019, summed over the classifiers i = 1…C, C the deepest:
+
+        (1−α)·CE(q_i, y) + α·T²·1/(C−1)·Σ_{j≠i} KL(q_j ‖ q_i) + λ·‖F_i − F_C‖²
+
+    with q = softmax(logits/T) in the KL terms; every target (q_j, F_C) is detached.
+
+    Args:
+        exit_logits: (C, B, K) logits of every classifier, shallowest first, the deepest last.
+        exit_features: (C, B, D) features of every classifier, aligned to the deepest's width.
+        targets: (B,) class labels.
+        alpha: weight α of the mutual distillation (the cross-entropy gets 1 − α).
+        temperature: softening temperature T.
+        feature_weight: weight λ of the feature hint.
+
+    Returns:
+        the weighted terms ``ce``, ``kd`` and ``hint``.
+    """
+    count = exit_logits.shape[0]
+    fixed = exit_logits.detach()
+    ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
+    kd = sum(
+        kd_loss(exit_logits[i], fixed[j], temperature) for i in range(count) for j in range(count) if j != i
+    ) / (count - 1)
+    hint = sum(feature_hint(features, exit_features[-1].detach()) for features in exit_features[:-1])
+    return {"ce": (1 - alpha) * ce, "kd": alpha * kd, "hint": feature_weight * hint}
+
+
+class MSD(BYOT):
+    """Multi-self-distillation: BYOT's exits, each classifier taught by all the others (:func:`msd_loss`),
+    and each head fed from a block of its stage sampled at every training step (see the module docstring).
+
+    Takes BYOT's arguments (``stages``, ``alpha``, ``temperature``, ``feature_weight``, ``image_size``);
+    logs and exports the same way.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        blocks = {stage: self.chained_blocks(stage) for stage in self.stages[:-1]}
+        candidates = [name for names in blocks.values() for name in names]
+        shapes = probe_shapes(self.student, [*blocks, *candidates], self.image_size)
+        self.branch_points = [
+            [name for name in names if shapes.get(name) == shapes[stage]] or [stage] for stage, names in blocks.items()
+        ]
+        points = [name for names in self.branch_points for name in names]
+        self.student_layers = list(dict.fromkeys([*self.stages, *points]))
+
+    def chained_blocks(self, stage: str) -> list[str]:
+        """The blocks (children with submodules of their own, not single layers) of a stage that is an
+        ``nn.Sequential``; none for any other stage."""
+        module = self.student.get_submodule(stage)
+        if not isinstance(module, nn.Sequential):
+            return []
+        return [f"{stage}.{name}" for name, child in module.named_children() if list(child.children())]
+
+    def exit_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """In training, each head reads a branch point of its stage drawn at random; else the stage output."""
+        if not self.training:
+            return super().exit_inputs(features)
+        return [features[points[int(torch.randint(len(points), ()))]] for points in self.branch_points]
+
+    def loss_terms(self, step: ExitStep) -> dict[str, torch.Tensor]:
+        return msd_loss(
+            step.exit_logits, step.exit_features, step.targets, self.alpha, self.temperature, self.feature_weight
+        )

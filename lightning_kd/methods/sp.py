@@ -1,0 +1,50 @@
+"""Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019, arXiv 1907.09682)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kd.core import Step, check_range
+from lightning_kd.methods.kd import FeatureDistillation
+from lightning_kd.models import stage_names
+
+
+def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """G = Q·Qᵀ with each row L2-normalised, Q the (B, D) flattening of a (B, ...) feature (eqs. 1-2)."""
+    flat = features.flatten(1)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def sp_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """‖G_t − G_s‖²_F / B² (eq. 3): any widths, since G is B×B; both features must hold the same batch."""
+    batch = student_features.shape[0]
+    difference = similarity_matrix(teacher_features) - similarity_matrix(student_features)
+    return difference.pow(2).sum() / batch**2
+
+
+class SP(FeatureDistillation):
+    """Similarity-preserving KD: loss = CE (+ KD) + γ·Σ_layers sp_loss(student layer, teacher layer).
+
+    Layers default to the last stage of each model, the final map before pooling (the paper's setting).
+
+    Args:
+        gamma: weight γ of the similarity term (paper and RepDistiller on CIFAR: 3000).
+        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
+            and the base arguments.
+    """
+
+    def __init__(self, gamma: float = 3000.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_range("gamma", gamma, 0.0)
+        self.gamma = gamma
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        return stage_names(network)[-1:]
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        similarity = sum(
+            sp_loss(step.student_features[s], step.teacher_features[t])
+            for s, t in zip(self.student_layers, self.teacher_layers)
+        )
+        return {**self.task_terms(step), "sp": self.gamma * similarity}

@@ -1,0 +1,61 @@
+"""benchmarks/cifar10_protocol.py end to end on tiny generated data: every run of the protocol through the CLI,
+the results file, skipping and resuming, and benchmarks/render_cifar10.py's table and plot."""
+import importlib.util
+import json
+import os
+import sys
+
+from conftest import REPO
+from tiny_data import write_tiny_image_folder
+
+TINY_SCHEDULE = [
+    "--teacher_epochs", "1", "--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--train_fraction", "0.5",
+    "--am_pool", "16", "--am_rounds", "1", "--am_queries", "8", "--am_candidates", "32", "--am_epochs_per_round", "1",
+]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the protocol runs from the repository root; the test's directory comes back
+    root = write_tiny_image_folder(tmp_path / "data", classes=4, per_class=16, splits=("train", "test"))
+    protocol, render = load_script("cifar10_protocol"), load_script("render_cifar10")
+    results_path = tmp_path / "results.json"
+    arguments = ["--root", root, "--workdir", str(tmp_path / "runs"), "--results", str(results_path), *TINY_SCHEDULE]
+
+    assert protocol.main(arguments) == 0
+    results = json.loads(results_path.read_text())
+    runs = {record["name"]: record for record in results["runs"]}
+    planned = [run.name for run in protocol.cpu_cifar10_runs(protocol.parse_args(arguments))]
+    assert list(runs) == planned
+    assert {"teacher", "baseline-s2", "kd-s2", "dml-s0", "active_mixup-s0"} <= set(runs)
+    for record in runs.values():
+        assert 0.0 <= record["val_acc1"] <= 1.0
+        assert record["commands"][0].startswith("lightning-kd fit --config configs/")
+    steps_per_epoch = 2  # 64 training images in batches of 16, half of the batches
+    assert runs["kd-s0"]["teacher_images"] == steps_per_epoch * 16
+    assert 0 < runs["unix-s0"]["teacher_images"] < runs["kd-s0"]["teacher_images"]
+    assert runs["baseline-s0"]["teacher_images"] == 0 and runs["kd-s0"]["teacher_flops"] > 0
+    assert runs["fsp-s0"]["epochs"] == 2  # one epoch of FSP alone, then the schedule of the others
+    assert [queries for queries, _ in runs["active_mixup-s0"]["accuracy_vs_queries"]] == [16, 24]
+    assert "val/acc1/peer_1" in runs["dml-s0"]["extra"]
+
+    # A second call skips every finished run; a run that has a checkpoint but no record resumes from it.
+    results["runs"] = [record for record in results["runs"] if record["name"] != "kd-s0"]
+    results_path.write_text(json.dumps(results))
+    assert protocol.main(arguments) == 0
+    rerun = {record["name"]: record for record in json.loads(results_path.read_text())["runs"]}
+    assert list(rerun) == planned  # still in the protocol's order
+    assert len(rerun["kd-s0"]["commands"]) == 2 and "--ckpt_path" in rerun["kd-s0"]["commands"][-1]
+    assert rerun["kd-s0"]["cpu_s"] > 0
+
+    render.main(["--results", str(results_path)])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| KD | 0, 1, 2 |" in markdown and "Run-to-run noise: sigma" in markdown
+    assert (tmp_path / "results.png").stat().st_size > 0
