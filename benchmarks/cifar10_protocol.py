@@ -26,6 +26,11 @@ student, teacher, final ``val/acc1``, epochs, train fraction, teacher images and
 time, the exact commands) and is skipped later; an unfinished one resumes from its ``last.ckpt`` (``--ckpt_path``). Runs
 start in the protocol's order (teachers, every method at the first seed, then the other seeds); a run whose teacher
 has not finished waits for a later call. Commands are run from the repository root.
+
+Several sittings may run at once (one per core, each with its own ``--only``) and share one results file: a record is
+added under a file lock, re-reading what the others wrote. A finished run whose checkpoint is gone (another machine,
+a clean-up) and that a selected run still needs as its teacher is trained again with the same command; its earlier
+figures stay in its record under ``previous``, so a retrain shows whether it reproduced them.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import fcntl
 import glob
 import json
 import os
@@ -51,6 +57,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE_SEEDS = (0, 1, 2)  # seeds of the methods whose run-to-run noise the table measures
 NOISE_METHODS = ("baseline", "kd")
+RETRAINING = "retraining"  # marker in the folder of a finished run being trained again (its checkpoint was lost)
 
 
 @dataclasses.dataclass
@@ -253,6 +260,26 @@ def load_results(path: str) -> dict:
         return json.load(file)
 
 
+def add_record(path: str, settings: dict, record: dict, order: dict[str, int]) -> dict:
+    """Put ``record`` into the results file (replacing a record of the same run) and return the file's content.
+
+    The file is re-read under an exclusive lock, so sittings running other runs in parallel (one per core, each
+    with its own ``--only``) keep each other's records. A replaced record's figures stay under ``previous``.
+    """
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        results["protocol"] = settings
+        earlier = [r for r in results["runs"] if r["name"] == record["name"]]
+        if earlier:
+            keep = ("val_acc1", "wall_s", "cpu_s", "finished")
+            record["previous"] = [{k: earlier[0][k] for k in keep}] + earlier[0].get("previous", [])
+        runs = [r for r in results["runs"] if r["name"] != record["name"]] + [record]
+        results["runs"] = sorted(runs, key=lambda r: order.get(r["name"], len(order)))
+        write_atomically(path, results)
+    return results
+
+
 def write_atomically(path: str, results: dict) -> None:
     """Write the JSON to a temporary file beside ``path`` and rename it over ``path``: never a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -420,15 +447,22 @@ def main(argv=None) -> int:
     os.chdir(REPO)  # configs are named relative to the repository
     failed = []
     for run in selected:
-        done = {record["name"] for record in results["runs"]}
+        done = {record["name"] for record in load_results(args.results)["runs"]}  # other sittings may have added
         run_dir = os.path.join(args.workdir, run.name)
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
         teacher_ckpt = None
         if run.teacher_run is not None:
             teacher_ckpt = os.path.join(args.workdir, run.teacher_run, "checkpoints", "last.ckpt")
-        if run.name in done:
+        needed_by = [other.name for other in selected if other.teacher_run == run.name and other.name not in done]
+        retraining = os.path.join(run_dir, RETRAINING)
+        if run.name in done and needed_by and (os.path.isfile(retraining) or not os.path.isfile(last)):
+            # finished on another machine or before a clean-up, its checkpoint gone: trained again, same command
+            status = "resume" if os.path.isfile(retraining) and os.path.isfile(last) else "retrain"
+        elif run.name in done:
             status = "done"
-        elif run.teacher_run is not None and (run.teacher_run not in done or not os.path.isfile(teacher_ckpt)):
+        elif run.teacher_run is not None and (run.teacher_run not in done or not os.path.isfile(teacher_ckpt)
+                                              or os.path.isfile(os.path.join(args.workdir, run.teacher_run,
+                                                                             RETRAINING))):
             status = f"waits for {run.teacher_run}"
         else:
             status = "resume" if os.path.isfile(last) else "new"
@@ -440,8 +474,11 @@ def main(argv=None) -> int:
             log(f"{run.name}: {status}")
             continue
         log(f"{run.name}: {status}")
-        if status == "new" and os.path.isdir(run_dir):
+        if status in ("new", "retrain") and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # logs of an attempt that left no checkpoint to resume from
+        if status == "retrain":
+            os.makedirs(run_dir)
+            open(os.path.join(run_dir, RETRAINING), "w").close()
         try:
             run_fit(argv, run_dir)
         except (Exception, SystemExit) as error:
@@ -457,8 +494,9 @@ def main(argv=None) -> int:
             failed.append(run.name)
             continue
         order = {name: position for position, name in enumerate(run.name for run in runs)}
-        results["runs"] = sorted([*results["runs"], record], key=lambda r: order.get(r["name"], len(order)))
-        write_atomically(args.results, results)
+        results = add_record(args.results, settings, record, order)
+        if os.path.isfile(os.path.join(run_dir, RETRAINING)):
+            os.remove(os.path.join(run_dir, RETRAINING))
         log(f"{run.name}: val/acc1 {100 * record['val_acc1']:.2f}% in {record['wall_s'] / 60:.1f} min "
             f"({record['cpu_s'] / 60:.1f} CPU-min)")
     if failed:

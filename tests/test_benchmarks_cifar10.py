@@ -55,6 +55,32 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert len(rerun["kd-s0"]["commands"]) == 2 and "--ckpt_path" in rerun["kd-s0"]["commands"][-1]
     assert rerun["kd-s0"]["cpu_s"] > 0
 
+    # The teacher's checkpoint is lost (another machine): a run that needs it trains the teacher again first, and
+    # a record that a parallel sitting writes meanwhile is kept.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "teacher" / "checkpoints")
+    pruned = json.loads(results_path.read_text())
+    parallel = next(record for record in pruned["runs"] if record["name"] == "lsr-s0")
+    pruned["runs"] = [record for record in pruned["runs"] if record["name"] not in ("kd-s1", "lsr-s0")]
+    results_path.write_text(json.dumps(pruned))
+    fit = protocol.run_fit
+
+    def fit_while_another_sitting_finishes(argv, run_dir):
+        if run_dir.endswith("kd-s1"):
+            order = {name: position for position, name in enumerate(planned)}
+            protocol.add_record(str(results_path), pruned["protocol"], dict(parallel), order)
+        fit(argv, run_dir)
+
+    monkeypatch.setattr(protocol, "run_fit", fit_while_another_sitting_finishes)
+    assert protocol.main([*arguments, "--only", "teacher", "kd-s1"]) == 0
+    retrained = {record["name"]: record for record in json.loads(results_path.read_text())["runs"]}
+    assert list(retrained) == planned
+    assert retrained["teacher"]["previous"][0]["val_acc1"] == runs["teacher"]["val_acc1"]
+    assert (tmp_path / "runs" / "teacher" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs" / "teacher" / protocol.RETRAINING).exists()
+    assert retrained["kd-s1"]["finished"] >= retrained["teacher"]["finished"]
+
     render.main(["--results", str(results_path)])
     markdown = (tmp_path / "results.md").read_text()
     assert "| KD | 0, 1, 2 |" in markdown and "Run-to-run noise: sigma" in markdown
