@@ -15,6 +15,8 @@ Profiles:
   of its FSP-only first stage, the cosine restarting after it), CS-KD, BYOT, MSD, DML (two resnet8), UNIX KD, and
   Active Mixup on its own axis (a pool of ``--am_pool`` images, ``--am_rounds`` rounds of ``--am_queries`` queries,
   ``--am_epochs_per_round`` epochs each). Baseline and KD run with seeds 0, 1 and 2, the rest with seed 0.
+  Ablations (``CPU_ABLATIONS``, e.g. ``byot_exit_ce-s0``: BYOT's exits on the labels alone) run only when named
+  by ``--only`` or ``--methods``.
 * ``gpu-cifar100``: the full CIFAR-100 reference recipe of ``configs/cifar100/`` (240 epochs; RepDistiller's five
   pairs: teachers, students alone, KD, AT, SP, FSP, UNIX; and the configs of the other methods), schedules as the
   configs set them. Not sized for a CPU.
@@ -72,6 +74,7 @@ class Run:
     epochs: int
     teacher_run: Optional[str] = None
     overrides: list[str] = dataclasses.field(default_factory=list)
+    on_request: bool = False  # an ablation: runs only when named by --only or --methods, never by default
 
     def model_init(self) -> dict:
         return read_yaml(self.config)["model"]["init_args"]
@@ -129,6 +132,13 @@ CPU_METHODS = {
     "active_mixup": ("Active Mixup", "configs/folder/active_mixup/resnet20-resnet8.yaml", CPU_TEACHER),
 }
 
+# ablations, run only on request: method -> (table label, config, teacher run, extra overrides)
+CPU_ABLATIONS = {
+    # BYOT's exits trained on the labels alone: what the auxiliary heads cost the deepest exit without distillation
+    "byot_exit_ce": ("BYOT exits, CE only (α=0, λ=0)", "configs/folder/byot/resnet8.yaml", None,
+                     ["--model.init_args.alpha", "0", "--model.init_args.feature_weight", "0"]),
+}
+
 
 def cosine_schedule(epochs: int) -> list[str]:
     return ["--trainer.max_epochs", str(epochs), "--model.init_args.lr_scheduler.init_args.T_max", str(epochs)]
@@ -173,7 +183,13 @@ def cpu_cifar10_runs(args) -> list[Run]:
             teacher_run.format(seed=seed) if teacher_run else None, overrides,
         )]
 
-    return in_protocol_order([teacher], [(method, runs_of(method)) for method in CPU_METHODS], args.seeds)
+    ablations = [
+        Run(f"{method}-s{seed}", method, label, config, seed, args.epochs,
+            teacher_run.format(seed=seed) if teacher_run else None, cosine_schedule(args.epochs) + extra, True)
+        for method, (label, config, teacher_run, extra) in CPU_ABLATIONS.items()
+        for seed in seeds_of(method, args.seeds)
+    ]
+    return in_protocol_order([teacher], [(method, runs_of(method)) for method in CPU_METHODS], args.seeds) + ablations
 
 
 def cpu_cifar10_settings(args) -> dict:
@@ -430,7 +446,8 @@ def main(argv=None) -> int:
         print(f"unknown run names or methods: {unknown}; runs: {' '.join(run.name for run in runs)}", file=sys.stderr)
         return 2
     selected = [run for run in runs if (not args.only or run.name in args.only)
-                and (not args.methods or run.method in args.methods)]
+                and (not args.methods or run.method in args.methods)
+                and (not run.on_request or args.only or args.methods)]
 
     settings = make_settings(args)
     results = load_results(args.results)

@@ -32,8 +32,9 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert protocol.main(arguments) == 0
     results = json.loads(results_path.read_text())
     runs = {record["name"]: record for record in results["runs"]}
-    planned = [run.name for run in protocol.cpu_cifar10_runs(protocol.parse_args(arguments))]
-    assert list(runs) == planned
+    every_run = protocol.cpu_cifar10_runs(protocol.parse_args(arguments))
+    planned = [run.name for run in every_run if not run.on_request]
+    assert list(runs) == planned and "byot_exit_ce-s0" in {run.name for run in every_run}  # ablations on request
     assert {"teacher", "baseline-s2", "kd-s2", "dml-s0", "active_mixup-s0"} <= set(runs)
     for record in runs.values():
         assert 0.0 <= record["val_acc1"] <= 1.0
@@ -81,7 +82,14 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert not (tmp_path / "runs" / "teacher" / protocol.RETRAINING).exists()
     assert retrained["kd-s1"]["finished"] >= retrained["teacher"]["finished"]
 
+    # An ablation runs when named, with its overrides, and is recorded after the protocol's runs.
+    assert protocol.main([*arguments, "--only", "byot_exit_ce-s0"]) == 0
+    ablated = json.loads(results_path.read_text())["runs"]
+    assert [record["name"] for record in ablated] == [*planned, "byot_exit_ce-s0"]
+    assert "--model.init_args.alpha 0 --model.init_args.feature_weight 0" in ablated[-1]["commands"][0]
+
     render.main(["--results", str(results_path)])
     markdown = (tmp_path / "results.md").read_text()
     assert "| KD | 0, 1, 2 |" in markdown and "Run-to-run noise: sigma" in markdown
+    assert "| BYOT exits, CE only (α=0, λ=0) | 0 |" in markdown
     assert (tmp_path / "results.png").stat().st_size > 0
