@@ -462,6 +462,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the interrupted sitting is still recorded
     os.chdir(REPO)  # configs are named relative to the repository
+    # records in the protocol's order, whichever --seeds each sitting had: the default runs, then any extra seeds
+    default_runs = make_runs(argparse.Namespace(**{**vars(args), "seeds": None}))
+    order = {name: position for position, name in enumerate(dict.fromkeys(r.name for r in [*default_runs, *runs]))}
     failed = []
     for run in selected:
         done = {record["name"] for record in load_results(args.results)["runs"]}  # other sittings may have added
@@ -510,7 +513,6 @@ def main(argv=None) -> int:
             log(f"{run.name}: stopped before its last epoch; rerun to resume it")
             failed.append(run.name)
             continue
-        order = {name: position for position, name in enumerate(run.name for run in runs)}
         results = add_record(args.results, settings, record, order)
         if os.path.isfile(os.path.join(run_dir, RETRAINING)):
             os.remove(os.path.join(run_dir, RETRAINING))
