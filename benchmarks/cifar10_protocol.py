@@ -175,21 +175,16 @@ def cpu_cifar10_runs(args) -> list[Run]:
     teacher = Run(CPU_TEACHER, "teacher", "Teacher", "configs/folder/baseline/resnet20.yaml", 0, args.teacher_epochs,
                   overrides=cosine_schedule(args.teacher_epochs))
 
-    def runs_of(method: str) -> Callable[[int], list[Run]]:
-        label, config, teacher_run = CPU_METHODS[method]
+    def run_at(method: str, seed: int) -> Run:
+        label, config, teacher_run, *extra = CPU_METHODS.get(method) or CPU_ABLATIONS[method]
         epochs, overrides = cpu_schedule(method, args)
-        return lambda seed: [Run(
-            f"{method}-s{seed}", method, label, config, seed, epochs,
-            teacher_run.format(seed=seed) if teacher_run else None, overrides,
-        )]
+        return Run(f"{method}-s{seed}", method, label, config, seed, epochs,
+                   teacher_run.format(seed=seed) if teacher_run else None, overrides + (extra[0] if extra else []),
+                   on_request=method in CPU_ABLATIONS)
 
-    ablations = [
-        Run(f"{method}-s{seed}", method, label, config, seed, args.epochs,
-            teacher_run.format(seed=seed) if teacher_run else None, cosine_schedule(args.epochs) + extra, True)
-        for method, (label, config, teacher_run, extra) in CPU_ABLATIONS.items()
-        for seed in seeds_of(method, args.seeds)
-    ]
-    return in_protocol_order([teacher], [(method, runs_of(method)) for method in CPU_METHODS], args.seeds) + ablations
+    methods = [(method, lambda seed, method=method: [run_at(method, seed)]) for method in CPU_METHODS]
+    ablations = [run_at(method, seed) for method in CPU_ABLATIONS for seed in seeds_of(method, args.seeds)]
+    return in_protocol_order([teacher], methods, args.seeds) + ablations
 
 
 def cpu_cifar10_settings(args) -> dict:

@@ -88,6 +88,11 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert [record["name"] for record in ablated] == [*planned, "byot_exit_ce-s0"]
     assert "--model.init_args.alpha 0 --model.init_args.feature_weight 0" in ablated[-1]["commands"][0]
 
+    # A sitting with other seeds records its runs after the protocol's, not first.
+    assert protocol.main([*arguments, "--methods", "lsr", "--seeds", "1"]) == 0
+    reseeded = [record["name"] for record in json.loads(results_path.read_text())["runs"]]
+    assert reseeded == [*planned, "byot_exit_ce-s0", "lsr-s1"]
+
     render.main(["--results", str(results_path)])
     markdown = (tmp_path / "results.md").read_text()
     assert "| KD | 0, 1, 2 |" in markdown and "Run-to-run noise: sigma" in markdown
