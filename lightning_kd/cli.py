@@ -7,16 +7,19 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Optional
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lightning_kd.core import DistillationModule
+from lightning_kd.core import DistillationModule, RunCheckpoint, file_sha256, load_checkpoint_file
 from lightning_kd.data import ClassificationDataModule
 
+# Model arguments the CLI links from the data module when it instantiates the classes: not part of a resume check.
+LINKED_MODEL_ARGUMENTS = ("num_classes", "teacher_classes")
 WANDB_LOGGERS = ("pytorch_lightning.loggers.WandbLogger", "pytorch_lightning.loggers.wandb.WandbLogger")
 
 
@@ -24,7 +27,10 @@ def _wandb_credentials_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+    if not os.path.isfile(netrc):
+        return False
+    with open(netrc) as handle:
+        return "api.wandb.ai" in handle.read()
 
 
 def _short_name(spec) -> Optional[str]:
@@ -35,8 +41,65 @@ def _short_name(spec) -> Optional[str]:
     return class_path.rsplit(".", 1)[-1] if class_path else type(spec).__name__
 
 
+def _comparable(value):
+    """A setting as plain data; a dotted name of a function (how checkpoints store one) as that function."""
+    if isinstance(value, Namespace):
+        return {key: _comparable(item) for key, item in value.as_dict().items()}
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items()}
+    if isinstance(value, str) and "." in value and os.sep not in value:
+        module, _, name = value.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return value
+    return value
+
+
+def _resume_conflicts(configured: Namespace, recorded: Namespace, teacher_source: Optional[dict]) -> list[tuple]:
+    """``(name, given, checkpoint's)`` for every model setting of ``configured`` that differs from ``recorded``."""
+    if configured.get("class_path") != recorded.class_path:
+        return [("model.class_path", configured.get("class_path"), recorded.class_path)]
+    given = configured.get("init_args") or Namespace()
+    conflicts = []
+    for name in sorted(set(vars(given)) | set(vars(recorded.init_args))):  # top-level names, not dotted ones
+        ours, theirs = _comparable(given.get(name)), _comparable(recorded.init_args.get(name))
+        if name in LINKED_MODEL_ARGUMENTS or ours == theirs:
+            continue
+        if name == "teacher_ckpt" and teacher_source is not None:
+            continue  # checked by content, not by path: see DistillationModule.on_load_checkpoint
+        conflicts.append((f"model.init_args.{name}", ours, theirs))
+    return conflicts
+
+
+def _names_recorded_teacher(path: Optional[str], teacher_source: dict) -> bool:
+    """Whether ``path`` is gone, unset or holds the very file the checkpoint recorded as its teacher."""
+    return path is None or not os.path.isfile(path) or file_sha256(path) == teacher_source["sha256"]
+
+
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Save ``config.yaml`` beside the logs and send the full resolved config to the logger as hyper-parameters."""
+    """Save ``config.yaml`` in the run's own directory and send the full resolved config to the loggers.
+
+    Lightning saves it in ``trainer.log_dir``: the version directory of a TensorBoard or CSV logger, but the
+    ``save_dir`` of a W&B logger, one file that every run overwrote. A W&B run's config goes to
+    ``<save_dir>/<project>/<run id>/config.yaml`` instead, the directory Lightning gives that run's
+    checkpoints when ``checkpoint.dirpath`` is not set.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if isinstance(logger, WandbLogger) and self.save_to_log_dir and not self.already_saved:
+            if trainer.is_global_zero:
+                run_dir = os.path.join(logger.save_dir or trainer.default_root_dir, logger.name, logger.experiment.id)
+                os.makedirs(run_dir, exist_ok=True)
+                self.parser.save(
+                    self.config, os.path.join(run_dir, self.config_filename), skip_none=False,
+                    overwrite=self.overwrite, multifile=self.multifile,
+                )
+            self.save_to_log_dir = False  # saved: Lightning's setup only sends it to the loggers now
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         for logger in trainer.loggers:
@@ -51,7 +114,7 @@ class KDLightningCLI(LightningCLI):
         # ImageNet subsets: a 1000-class teacher answers for the data's classes only. jsonargparse skips this
         # link for data modules without the attribute, whose models keep teacher_classes unset.
         parser.link_arguments("data.imagenet_class_indices", "model.init_args.teacher_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc1",
@@ -61,6 +124,43 @@ class KDLightningCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, the model is the one the checkpoint was written with (its class and arguments).
+
+        Lightning's CLI lets the checkpoint's hyper-parameters silently replace the configured ones. Here every
+        configured value that differs from the checkpoint's is named in one error instead; a config that names no
+        model takes the checkpoint's. The teacher's weights are in the checkpoint, so ``teacher_ckpt`` may differ
+        in path (or the file may be gone): it is not read again, unless it holds another teacher than the one
+        the checkpoint recorded, which the model refuses when it loads the checkpoint.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return  # Lightning's own values ("last", "best") and its error for a missing file
+        checkpoint = load_checkpoint_file(ckpt_path, weights_only=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" not in hparams:
+            return
+        configured = self.config[subcommand].get("model")
+        recorded = Namespace(class_path=hparams.pop("_class_path"), init_args=Namespace(hparams))
+        teacher_source = checkpoint.get("teacher_source")
+        if configured is not None:
+            conflicts = _resume_conflicts(configured, recorded, teacher_source)
+            if conflicts:
+                lines = "\n".join(f"  {name}: checkpoint {theirs!r}, given {ours!r}" for name, ours, theirs in conflicts)
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path} was written with other model settings than the ones given:\n{lines}\n"
+                    "A resumed run keeps its checkpoint's settings: drop these values (or give the checkpoint's), "
+                    "or start a new run to change them."
+                )
+        teacher_ckpt = (configured or recorded).init_args.get("teacher_ckpt")
+        if teacher_source is not None and _names_recorded_teacher(teacher_ckpt, teacher_source):
+            teacher_ckpt = None  # the checkpoint holds this teacher's weights: its file is not read again
+        hparams["teacher_ckpt"] = teacher_ckpt
+        model = {"class_path": recorded.class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def instantiate_classes(self) -> None:
         """Instantiate as usual, but surface the error a class raised, not jsonargparse's wrapping of it."""
@@ -92,11 +192,18 @@ class KDLightningCLI(LightningCLI):
                 init["group"] = pair
             if not init.get("offline") and not os.environ.get("WANDB_MODE") and not _wandb_credentials_available():
                 init["offline"] = True
-                print(
-                    "lightning-kd: no W&B credentials found, logging offline to ./wandb. "
-                    "Sync later with `wandb sync <save_dir>/wandb/offline-run-*`.",
-                    file=sys.stderr,
+                # Where WandbLogger writes: its save_dir (or dir), else wandb's WANDB_DIR or the working directory.
+                root = init.get("save_dir") or init.get("dir") or os.environ.get("WANDB_DIR", ".")
+                directory = os.path.join(root, "wandb")
+                message = (
+                    f"lightning-kd: no W&B credentials found, logging offline to {directory}. "
+                    f"Sync later with `wandb sync {os.path.join(directory, 'offline-run-*')}`."
                 )
+                if init.get("log_model"):
+                    # WandbLogger refuses log_model offline: checkpoints are uploaded to a W&B server only.
+                    init["log_model"] = False
+                    message += " log_model is off offline: the checkpoints are kept on disk only."
+                print(message, file=sys.stderr)
 
 
 def cli_main(args=None, run: bool = True) -> KDLightningCLI:

@@ -1,4 +1,5 @@
 """DistillationModule, feature hooks and teacher loading, without a Trainer."""
+import hashlib
 import os
 
 import pytest
@@ -109,9 +110,12 @@ def test_teacher_checkpoint_formats(tmp_path):
     state = read_state_dict(community)
     torch.save(state, plain)
     torch.save({f"module.{k}": v for k, v in state.items()}, wrapped)
+    load_weights(reference, community)
     for path in (community, plain, wrapped):
-        model = load_weights(get_model("resnet8", 100), str(path))
-        assert state_hash(model) == state_hash(load_weights(reference, community))
+        model = get_model("resnet8", 100)
+        source = load_weights(model, str(path))
+        assert state_hash(model) == state_hash(reference)
+        assert source.path == os.path.abspath(path) and source.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def test_teacher_checkpoint_errors(tmp_path):

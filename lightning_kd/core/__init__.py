@@ -1,36 +1,55 @@
 """The base every method stands on."""
+from lightning_kd.core.checkpointing import AtomicCheckpointIO, RunCheckpoint, write_atomically
 from lightning_kd.core.features import FeatureHooks, resolve_modules
-from lightning_kd.core.module import DistillationModule, Step, build_network, check_range, cifar_multistep, cifar_sgd
+from lightning_kd.core.module import (
+    DistillationModule,
+    NonFiniteLossError,
+    Step,
+    build_network,
+    check_range,
+    cifar_multistep,
+    cifar_sgd,
+)
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     FlopsPerImage,
     QueryBudgetExceeded,
     TeacherCost,
+    TeacherSource,
     classifier,
+    file_sha256,
     forward_flops,
     freeze,
+    load_checkpoint_file,
     load_weights,
     read_state_dict,
     restrict_classifier,
 )
 
 __all__ = [
+    "AtomicCheckpointIO",
     "BlackBoxTeacher",
     "DistillationModule",
     "FeatureHooks",
     "FlopsPerImage",
+    "NonFiniteLossError",
     "QueryBudgetExceeded",
+    "RunCheckpoint",
     "Step",
     "TeacherCost",
+    "TeacherSource",
     "build_network",
     "check_range",
     "classifier",
     "cifar_multistep",
     "cifar_sgd",
+    "file_sha256",
     "forward_flops",
     "freeze",
+    "load_checkpoint_file",
     "load_weights",
     "read_state_dict",
     "resolve_modules",
     "restrict_classifier",
+    "write_atomically",
 ]

@@ -23,12 +23,21 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.core.features import FeatureHooks
-from lightning_kd.core.teacher import BlackBoxTeacher, TeacherCost, freeze, load_weights, restrict_classifier
+from lightning_kd.core.teacher import (
+    BlackBoxTeacher,
+    TeacherCost,
+    TeacherSource,
+    file_sha256,
+    freeze,
+    load_weights,
+    restrict_classifier,
+)
 from lightning_kd.models import get_model
 
 # The frozen teacher is in eval mode by design; Lightning's notice about it would only confuse users.
@@ -92,6 +101,55 @@ def accuracy_metrics(num_classes: int, prefix: str, postfix: str = "") -> Metric
 def build_network(spec: Union[str, nn.Module], num_classes: int) -> nn.Module:
     """A model from a name (CIFAR zoo or torchvision) built for ``num_classes``, or a given module as is."""
     return get_model(spec, num_classes=num_classes) if isinstance(spec, str) else spec
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or weight; the run stops and nothing non-finite is saved."""
+
+
+class NonFiniteWatch:
+    """Remembers the first training step whose loss was not finite, and its loss terms, on the device.
+
+    :meth:`observe` costs no host–device synchronisation, so it runs every step; :meth:`check` (one small copy to
+    the host) raises :class:`NonFiniteLossError` naming that step and its terms, and runs every few steps and
+    before anything is saved.
+    """
+
+    def __init__(self) -> None:
+        self.first_step: Optional[torch.Tensor] = None  # -1 while every loss so far was finite
+        self.first_values: Optional[torch.Tensor] = None  # [loss, *terms] at that step
+        self.names: list[str] = []
+
+    def observe(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([loss, *terms.values()]).detach().float()
+        names = ["loss", *terms]
+        if names != self.names:  # a method's phase changed its terms (rare): settle what was seen before
+            self.check()
+            self.names = names
+            self.first_step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.first_values = torch.zeros_like(values)
+        record = ~torch.isfinite(values[0]) & (self.first_step < 0)
+        self.first_step = torch.where(record, step, self.first_step)
+        self.first_values = torch.where(record, values, self.first_values)
+
+    def check(self) -> None:
+        if self.first_step is None or int(self.first_step) < 0:
+            return
+        values = ", ".join(f"{name}={value:g}" for name, value in zip(self.names, self.first_values.tolist()))
+        raise NonFiniteLossError(
+            f"Non-finite loss at training step {int(self.first_step)} ({values}); the run stopped and the "
+            "checkpoints saved before that step are intact. Lower the learning rate or check the data and the teacher."
+        )
+
+
+def check_finite_weights(module: nn.Module, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` when a floating parameter or buffer of ``module`` is not finite."""
+    for name, tensor in module.state_dict().items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteLossError(
+                f"Non-finite weights at training step {step} ({name!r}): not saved; the checkpoints saved before "
+                "are intact. Lower the learning rate or check the data and the teacher."
+            )
 
 
 @dataclasses.dataclass
@@ -186,6 +244,8 @@ class DistillationModule(pl.LightningModule):
 
         self.student = build_network(student, num_classes)
         self.teacher: Optional[nn.Module] = None
+        # The file the teacher's weights came from; a checkpoint of this module records it and holds the weights.
+        self.teacher_source: Optional[TeacherSource] = None
         if teacher is not None:
             if teacher_weights is not None:
                 network = get_model(teacher, weights=teacher_weights)  # the weights' classes: 1000 on ImageNet
@@ -193,10 +253,8 @@ class DistillationModule(pl.LightningModule):
                     restrict_classifier(network, teacher_classes)
             else:
                 network = build_network(teacher, num_classes)
-                if teacher_ckpt is None:
-                    warnings.warn(f"{name}: no teacher_ckpt given, the teacher keeps its initial weights", stacklevel=2)
-                else:
-                    load_weights(network, teacher_ckpt, classes=teacher_classes)
+                if teacher_ckpt is not None:
+                    self.teacher_source = load_weights(network, teacher_ckpt, classes=teacher_classes)
             self.teacher = freeze(network)
         # Images sent through the teacher in training and their FLOPs, logged every epoch (teacher/*).
         self.teacher_cost: Optional[TeacherCost] = TeacherCost(self.teacher) if self.teacher is not None else None
@@ -218,6 +276,14 @@ class DistillationModule(pl.LightningModule):
         self.channels_last = bool(channels_last)
         self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
         self._compiled = False
+        self.non_finite = NonFiniteWatch()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; the teacher's weights come from the checkpoint, so its original
+        file (``teacher_ckpt``) is not read unless given again."""
+        kwargs.setdefault("teacher_ckpt", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # --- what a method implements ---------------------------------------------------------------
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
@@ -267,7 +333,12 @@ class DistillationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.non_finite.check()  # never save a model trained on a non-finite loss ...
+            check_finite_weights(self, self.global_step)  # ... or holding non-finite weights
         checkpoint["input_shape"] = self.input_shape
+        if self.teacher_source is not None:
+            checkpoint["teacher_source"] = dataclasses.asdict(self.teacher_source)
         # Lightning does not save random states; with them a resumed run draws the same augmentations.
         checkpoint["rng_states"] = _collect_rng_states()
         if self.teacher_cost is not None:
@@ -275,10 +346,26 @@ class DistillationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.input_shape = checkpoint.get("input_shape")
+        self._adopt_teacher_source(checkpoint.get("teacher_source"))
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
         if self.teacher_cost is not None and "teacher_cost" in checkpoint:
             self.teacher_cost.load_state_dict(checkpoint["teacher_cost"])
+
+    def _adopt_teacher_source(self, recorded: Optional[dict]) -> None:
+        """Keep the teacher a checkpoint learned from (its weights are in the checkpoint); refuse a configured
+        teacher file that is another teacher than that one."""
+        if recorded is None:
+            return
+        recorded_source = TeacherSource(**recorded)
+        given = self.teacher_source
+        if given is not None and given.sha256 != recorded_source.sha256:
+            raise ValueError(
+                f"model.teacher_ckpt {given.describe()} is not the teacher this checkpoint learned from: "
+                f"{recorded_source.describe()}. The checkpoint holds that teacher's weights: set "
+                "model.teacher_ckpt to null to go on with it, or start a new run to distil from the new teacher."
+            )
+        self.teacher_source = recorded_source
 
     def deployable(self, name: Optional[str] = None) -> nn.Module:
         """The network a deployment needs (what ``lightning-kd export`` writes): the student.
@@ -348,15 +435,25 @@ class DistillationModule(pl.LightningModule):
         step = self.forward_step(x, y)
         with torch.autocast(device_type=self.device.type, enabled=False):
             terms = self.loss_terms(step.float())
-        return self.log_loss_terms(terms, batch_size=x.shape[0])
+        loss = self.log_loss_terms(terms, batch_size=x.shape[0])
+        self.non_finite.observe(self.global_step, loss, terms)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop on a non-finite loss (checked every ``log_every_n_steps`` steps; the error names the first one).
+        Overrides must call ``super()``."""
+        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.non_finite.check()
 
     def on_train_epoch_start(self) -> None:
         if self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        """Log the teacher's cost, summed over devices: ``teacher/images`` (so far), ``teacher/images_epoch``
-        and ``teacher/flops`` (forward FLOPs so far, where countable). Overrides must call ``super()``."""
+        """Stop on a non-finite loss; log the teacher's cost, summed over devices: ``teacher/images`` (so far),
+        ``teacher/images_epoch`` and ``teacher/flops`` (forward FLOPs so far, where countable). Overrides must
+        call ``super()``."""
+        self.non_finite.check()
         if self.teacher_cost is None:
             return
         cost = {
@@ -395,6 +492,9 @@ class DistillationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_scored = False
+        restored = self.trainer.ckpt_path is not None
+        if self.teacher is not None and self.teacher_source is None and not self.hparams.get("teacher_weights") and not restored:
+            warnings.warn(f"{type(self).__name__}: no teacher_ckpt given, the teacher keeps its initial weights")
 
     def test_step(self, batch, batch_idx: int):
         return self._evaluate(batch, self.test_metrics, self.teacher_test_metrics, "test")

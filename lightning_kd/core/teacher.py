@@ -9,22 +9,68 @@ Accepted checkpoint formats (detected from the file):
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import pickle
 from collections.abc import Mapping, Sequence
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def load_checkpoint_file(path: str, what: str = "Checkpoint", **kwargs) -> Any:
+    """``torch.load(path)`` on the CPU; a missing, truncated or corrupt file raises one error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", **kwargs)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{what} {path!r} could not be read (truncated or not a torch file?): {error}") from None
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher's weights came from: the file, its sha256, and the epoch/step it was written at (when the
+    file records them). A student's checkpoint stores it (``checkpoint["teacher_source"]``)."""
+
+    path: str
+    sha256: str
+    epoch: Optional[int] = None
+    global_step: Optional[int] = None
+
+    def describe(self) -> str:
+        when = ", ".join(f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.global_step)) if v is not None)
+        return f"{self.path} (sha256 {self.sha256[:12]}…{', ' + when if when else ''})"
+
+
 def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tensor]:
     """Read the network weights stored in ``path`` in any of the accepted formats."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Teacher checkpoint not found: {path!r}")
+    return _read_teacher_file(path, prefix)[0]
+
+
+def _read_teacher_file(path: str, prefix: str) -> tuple[dict[str, torch.Tensor], TeacherSource]:
     # weights_only=False: Lightning checkpoints carry hyper-parameters (callables, class paths);
     # the file is one the user points at explicitly.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(path, "Teacher checkpoint", weights_only=False)
+    recorded = checkpoint if isinstance(checkpoint, Mapping) else {}
+    source = TeacherSource(
+        os.path.abspath(path),
+        file_sha256(path),
+        int(recorded["epoch"]) if isinstance(recorded.get("epoch"), int) else None,
+        int(recorded["global_step"]) if isinstance(recorded.get("global_step"), int) else None,
+    )
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         if not state:
@@ -40,7 +86,7 @@ def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tens
         )
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return state, source
 
 
 def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -84,14 +130,15 @@ def restrict_classifier(model: nn.Module, classes: Sequence[int]) -> nn.Module:
 
 def load_weights(
     model: nn.Module, path: str, prefix: str = "student.", classes: Optional[Sequence[int]] = None
-) -> nn.Module:
+) -> TeacherSource:
     """Load ``path`` into ``model``; any mismatch raises one ``ValueError`` naming the first offending key.
+    Returns where the weights came from.
 
     ``classes``: when the checkpoint's classifier has another number of outputs than ``model``'s (a
     teacher trained on all classes, used on a subset), only its rows ``classes`` are loaded, in that order
     (as :func:`restrict_classifier` does); a checkpoint that already fits is loaded as it is.
     """
-    state = read_state_dict(path, prefix)
+    state, source = _read_teacher_file(path, prefix)
     if classes is not None:
         name, layer = classifier(model)
         weight = state.get(f"{name}.weight")
@@ -120,7 +167,7 @@ def load_weights(
             f"(shape {tuple(state[unexpected[0]].shape)}) is not in the model"
         )
     model.load_state_dict(state)
-    return model
+    return source
 
 
 def freeze(model: nn.Module) -> nn.Module:
