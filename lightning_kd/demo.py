@@ -13,12 +13,14 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
+from lightning_kd.core import RunCheckpoint
 from lightning_kd.data import CIFAR10DataModule, ImageFolderDataModule
 from lightning_kd.methods import KD, Baseline
 
 
 def _fit(module: pl.LightningModule, data: pl.LightningDataModule, epochs: int, workdir: str, limit: float) -> tuple[str, float]:
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(workdir, "checkpoints"), save_last=True)
+    # A demo starts over: a new demo replaces the checkpoints of the previous one.
+    checkpoint = RunCheckpoint(dirpath=os.path.join(workdir, "checkpoints"), save_last=True, overwrite=True)
     trainer = pl.Trainer(
         max_epochs=epochs, default_root_dir=workdir, callbacks=[checkpoint], limit_train_batches=limit,
         logger=pl.loggers.CSVLogger(workdir, name=""), enable_model_summary=False,

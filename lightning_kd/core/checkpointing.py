@@ -95,10 +95,16 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Before the first step (and after a checkpoint was restored): claim the directory, check it is writable."""
-        if not trainer.is_global_zero or not _is_local_file_protocol(self.dirpath):
-            return
-        self._claim_directory(trainer.ckpt_path)
-        self._check_writable()
+        problem = None
+        if trainer.is_global_zero and _is_local_file_protocol(self.dirpath):
+            try:
+                self._claim_directory(trainer.ckpt_path)
+                self._check_writable()
+            except (RuntimeError, OSError) as error:
+                problem = error
+        problem = trainer.strategy.broadcast(problem)  # every process stops, none waits for the others
+        if problem is not None:
+            raise problem
 
     def _claim_directory(self, resumed_from: Optional[str]) -> None:
         """Stop (or, with ``overwrite``, clean up) when ``dirpath`` holds checkpoints of another run."""

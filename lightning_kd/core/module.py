@@ -110,36 +110,31 @@ class NonFiniteLossError(FloatingPointError):
 class NonFiniteWatch:
     """Remembers the first training step whose loss was not finite, and its loss terms, on the device.
 
-    :meth:`observe` costs no host–device synchronisation, so it runs every step; :meth:`check` (one small copy to
-    the host) raises :class:`NonFiniteLossError` naming that step and its terms, and runs every few steps and
-    before anything is saved.
+    :meth:`observe` costs no host–device synchronisation, so it runs every step; :meth:`problem` (a small copy to
+    the host) describes that step and its terms, and runs every few steps and before anything is saved.
     """
 
     def __init__(self) -> None:
-        self.first_step: Optional[torch.Tensor] = None  # -1 while every loss so far was finite
-        self.first_values: Optional[torch.Tensor] = None  # [loss, *terms] at that step
-        self.names: list[str] = []
+        # One [term names, first bad step (-1: none), [loss, *terms] there] per run of steps with the same terms.
+        self.segments: list[list] = []
 
     def observe(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         values = torch.stack([loss, *terms.values()]).detach().float()
         names = ["loss", *terms]
-        if names != self.names:  # a method's phase changed its terms (rare): settle what was seen before
-            self.check()
-            self.names = names
-            self.first_step = torch.full((), -1, dtype=torch.long, device=values.device)
-            self.first_values = torch.zeros_like(values)
-        record = ~torch.isfinite(values[0]) & (self.first_step < 0)
-        self.first_step = torch.where(record, step, self.first_step)
-        self.first_values = torch.where(record, values, self.first_values)
+        if not self.segments or self.segments[-1][0] != names:  # a method's phase changed its terms (rare)
+            self.segments.append([names, torch.full((), -1, device=values.device), torch.zeros_like(values)])
+        segment = self.segments[-1]
+        record = ~torch.isfinite(values[0]) & (segment[1] < 0)
+        segment[1] = torch.where(record, step, segment[1])
+        segment[2] = torch.where(record, values, segment[2])
 
-    def check(self) -> None:
-        if self.first_step is None or int(self.first_step) < 0:
-            return
-        values = ", ".join(f"{name}={value:g}" for name, value in zip(self.names, self.first_values.tolist()))
-        raise NonFiniteLossError(
-            f"Non-finite loss at training step {int(self.first_step)} ({values}); the run stopped and the "
-            "checkpoints saved before that step are intact. Lower the learning rate or check the data and the teacher."
-        )
+    def problem(self) -> Optional[str]:
+        """What went wrong at the first non-finite step, or ``None`` while every loss was finite."""
+        for names, step, values in self.segments:
+            if int(step) >= 0:
+                terms = ", ".join(f"{name}={value:g}" for name, value in zip(names, values.tolist()))
+                return f"Non-finite loss at training step {int(step)} ({terms})"
+        return None
 
 
 def check_finite_weights(module: nn.Module, step: int) -> None:
@@ -334,7 +329,7 @@ class DistillationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            self.non_finite.check()  # never save a model trained on a non-finite loss ...
+            self.stop_if_non_finite()  # never save a model trained on a non-finite loss ...
             check_finite_weights(self, self.global_step)  # ... or holding non-finite weights
         checkpoint["input_shape"] = self.input_shape
         if self.teacher_source is not None:
@@ -443,7 +438,16 @@ class DistillationModule(pl.LightningModule):
         """Stop on a non-finite loss (checked every ``log_every_n_steps`` steps; the error names the first one).
         Overrides must call ``super()``."""
         if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            self.non_finite.check()
+            self.stop_if_non_finite()
+
+    def stop_if_non_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` on every process when any process saw a non-finite loss."""
+        problem = self.non_finite.problem()
+        if self.trainer.strategy.reduce_boolean_decision(problem is not None, all=False):
+            raise NonFiniteLossError(
+                f"{problem or 'Non-finite loss on another process'}; the run stopped and the checkpoints saved "
+                "before that step are intact. Lower the learning rate or check the data and the teacher."
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.trainer.optimizers:
@@ -453,7 +457,7 @@ class DistillationModule(pl.LightningModule):
         """Stop on a non-finite loss; log the teacher's cost, summed over devices: ``teacher/images`` (so far),
         ``teacher/images_epoch`` and ``teacher/flops`` (forward FLOPs so far, where countable). Overrides must
         call ``super()``."""
-        self.non_finite.check()
+        self.stop_if_non_finite()
         if self.teacher_cost is None:
             return
         cost = {
