@@ -62,7 +62,9 @@ def _resume_conflicts(configured: Namespace, recorded: Namespace, teacher_source
         return [("model.class_path", configured.get("class_path"), recorded.class_path)]
     given = configured.get("init_args") or Namespace()
     conflicts = []
-    for name in sorted(set(vars(given)) | set(vars(recorded.init_args))):  # top-level names, not dotted ones
+    # The names the checkpoint recorded (top-level, not dotted); networks given as modules are not recorded
+    # (save_hyperparameters leaves them out): those are built as configured and receive the checkpoint's weights.
+    for name in sorted(vars(recorded.init_args)):
         ours, theirs = _comparable(given.get(name)), _comparable(recorded.init_args.get(name))
         if name in LINKED_MODEL_ARGUMENTS or ours == theirs:
             continue

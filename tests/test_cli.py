@@ -1,4 +1,6 @@
 """Every config fits through the CLI on tiny data; the teacher never changes; --print_config works."""
+from __future__ import annotations
+
 import glob
 import os
 

@@ -56,11 +56,15 @@ def kd(root, workdir, teacher_ckpt, *extra, epochs=1):
 
 
 def test_last_checkpoint_is_the_last_epoch_even_when_the_metric_stops_improving(tiny_folder, tmp_path):
-    fit(tiny_folder, tmp_path, '--model.student={"class_path": "test_trust.NoBatchNorm"}', "--model.optimizer=torch.optim.SGD",
-        "--model.optimizer.lr=0", epochs=3)
+    settings = ['--model.student={"class_path": "test_trust.NoBatchNorm"}', "--model.optimizer=torch.optim.SGD",
+                "--model.optimizer.lr=0"]
+    fit(tiny_folder, tmp_path, *settings, epochs=3)
     last = checkpoint_of(tmp_path)
     assert (last["epoch"], last["global_step"]) == (2, 6)  # Lightning alone leaves it at epoch 0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best-epoch000.ckpt", "last.ckpt"]
+    # A student given as a module is not in the checkpoint's hyper-parameters: built as configured, it resumes.
+    resumed = fit(tiny_folder, tmp_path, *settings, f"--ckpt_path={tmp_path}/checkpoints/last.ckpt", epochs=4)
+    assert resumed.trainer.global_step == 8 and checkpoint_of(tmp_path)["epoch"] == 3
 
 
 def test_a_new_run_never_mixes_with_an_old_one_in_its_directory(tiny_folder, tmp_path):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_kd.core import BlackBoxTeacher, DistillationModule, Step, check_range, freeze
+from lightning_kd.core import BlackBoxTeacher, DistillationModule, Step, TeacherCost, check_range, freeze
 from lightning_kd.data import QueryPoolDataModule, mix_images
 
 
@@ -91,9 +91,10 @@ class ActiveMixup(DistillationModule):
     ``max_epochs = (rounds + 1)·epochs_per_round``.
 
     The teacher is wrapped in a :class:`~lightning_kd.core.BlackBoxTeacher` (unless it is one), so only its
-    probabilities are seen and its queries are counted and capped. Logs validation accuracy against the
-    cumulative queries at the end of each round: a line plot (``active_mixup/acc1_vs_queries``) on W&B, the
-    metric ``active_mixup/val_acc1`` with the query count as its step on other loggers.
+    probabilities are seen and its queries are counted and capped; under DDP the budget is global (one process
+    asks, see :meth:`query_round`). Logs validation accuracy against the cumulative queries at the end of each
+    round: a line plot (``active_mixup/acc1_vs_queries``) on W&B, the metric ``active_mixup/val_acc1`` with the
+    query count as its step on other loggers.
 
     Args:
         rounds: query rounds after round 0.
@@ -180,7 +181,19 @@ class ActiveMixup(DistillationModule):
         return first, second
 
     def query_round(self) -> None:
-        """Label the next round: the pool images (round 0) or the least confident candidate mixes."""
+        """Label the next round: the pool images (round 0) or the least confident candidate mixes.
+
+        Under DDP the first process chooses the mixes and asks the teacher; every process receives the same
+        labelled mixes and query count. So the budget is global, each image is asked about once, the count in
+        the checkpoint is every query made, and all processes train on one set.
+        """
+        labelled = self.choose_and_query() if self.trainer.is_global_zero else None
+        *labelled, self.teacher.queries = self.trainer.strategy.broadcast(labelled, src=0)
+        self.data.add(*labelled)
+
+    def choose_and_query(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The next round's mixes ``(first, second, weight)``, the teacher's probabilities for them (on the CPU)
+        and the teacher's query count after asking."""
         data = self.data
         pool = data.pool.to(self.device)
         if data.additions == 0:
@@ -197,7 +210,8 @@ class ActiveMixup(DistillationModule):
             self.teacher_forward(mix_images(pool, *chunk)).softmax(-1)
             for chunk in zip(*(t.split(self.score_batch_size) for t in (first, second, weight)))
         ]
-        data.add(first, second, weight, torch.cat(probabilities) if probabilities else data.targets[:0])
+        probabilities = torch.cat(probabilities) if probabilities else data.targets[:0]
+        return first.cpu(), second.cpu(), weight.cpu(), probabilities.cpu(), self.teacher.queries
 
     def label_due_rounds(self, epoch: int) -> None:
         """Label every round due when ``epoch`` starts: round 0 at once, round r after r·epochs_per_round epochs."""
@@ -260,3 +274,5 @@ class ActiveMixup(DistillationModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.accuracy_vs_queries = [tuple(row) for row in checkpoint.get("accuracy_vs_queries", [])]
+        if self.global_rank != 0:  # the first process made every query (query_round): the others' cost is none
+            self.teacher_cost = TeacherCost(self.teacher)

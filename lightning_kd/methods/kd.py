@@ -17,11 +17,14 @@ from lightning_kd.models import stage_names
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T²·KL(softmax(t/T) ‖ softmax(s/T)), summed over classes and averaged over the batch.
 
-    The factor T² keeps the gradient scale independent of T (Hinton et al., section 2).
+    The factor T² keeps the gradient scale independent of T (Hinton et al., section 2). A class the teacher
+    rules out (logit −inf: a teacher that masks classes) has probability 0 and adds 0 (0·log 0 = 0), where
+    ``F.kl_div`` would give NaN; any other non-finite input still gives NaN.
     """
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    terms = log_p_teacher.exp() * (log_p_teacher - log_p_student)
+    kl = torch.where(log_p_teacher == float("-inf"), 0.0, terms).sum() / student_logits.shape[0]
     return kl * temperature**2
 
 
