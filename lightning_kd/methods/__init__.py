@@ -4,9 +4,12 @@ from lightning_kd.methods.at import AT, at_loss, attention_energy
 from lightning_kd.methods.baseline import Baseline
 from lightning_kd.methods.byot import BYOT, byot_loss
 from lightning_kd.methods.cskd import CSKD, cskd_loss
+from lightning_kd.methods.dist import DIST, dist_loss, dist_terms, pearson_correlation
+from lightning_kd.methods.dkd import DKD, dkd_loss, dkd_terms
 from lightning_kd.methods.dml import DML, dml_loss
 from lightning_kd.methods.fsp import FSP, fsp_loss, fsp_matrix
 from lightning_kd.methods.kd import KD, FeatureDistillation, kd_loss
+from lightning_kd.methods.logit_standardization import LogitStandardization, logit_standardized_kd_loss, standardize
 from lightning_kd.methods.msd import MSD, msd_loss
 from lightning_kd.methods.sp import SP, similarity_matrix, sp_loss
 from lightning_kd.methods.tfkd import (
@@ -22,6 +25,8 @@ from lightning_kd.methods.unixkd import UNIXKD, uncertainty, unix_loss_terms, un
 
 __all__ = [
     "Baseline", "KD", "kd_loss",
+    "DKD", "dkd_loss", "dkd_terms", "DIST", "dist_loss", "dist_terms", "pearson_correlation",
+    "LogitStandardization", "logit_standardized_kd_loss", "standardize",
     "CSKD", "cskd_loss", "BYOT", "byot_loss", "MSD", "msd_loss", "DML", "dml_loss",
     "FeatureDistillation", "AT", "at_loss", "attention_energy", "SP", "similarity_matrix", "sp_loss",
     "FSP", "fsp_loss", "fsp_matrix",
