@@ -360,7 +360,8 @@ def fit_arguments(run: Run, run_dir: str, teacher_ckpt: Optional[str], data_args
             "--trainer.default_root_dir", run_dir, "--checkpoint.dirpath", os.path.join(run_dir, "checkpoints"),
             "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false"]
     if teacher_ckpt is not None:
-        argv += ["--model.init_args.teacher_ckpt", teacher_ckpt]
+        # A resumed run goes on with the teacher its checkpoint holds, even when that teacher was trained again since.
+        argv += ["--model.init_args.teacher_ckpt", "null" if resume else teacher_ckpt]
     if resume:
         argv += ["--ckpt_path", os.path.join(run_dir, "checkpoints", "last.ckpt")]
     return argv

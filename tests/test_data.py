@@ -19,6 +19,9 @@ from lightning_kd.data import (
     EpochSeededRandomSampler,
     ImageFolderDataModule,
 )
+from lightning_kd.data.augment import ResizedCropFlipNormalize
+from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+from lightning_kd.data.tensor_resident import PerSampleCropFlip
 
 try:
     from tests.tiny_data import (
@@ -106,8 +109,9 @@ def test_cifar_normalisation_constants():
     assert CIFAR10DataModule.STD == (0.2470, 0.2435, 0.2616)
     assert CIFAR100DataModule.MEAN == (0.5071, 0.4865, 0.4409)
     assert CIFAR100DataModule.STD == (0.2673, 0.2564, 0.2762)
-    names = [type(t).__name__ for t in CIFAR10DataModule(download=False).train_transform().transforms]
-    assert names == ["ToImage", "RandomCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    train = CIFAR10DataModule(download=False, seed=5).train_transform()  # RandomCrop(32, 4) + flip, drawn per sample
+    assert isinstance(train, PerSampleCropFlip) and train.seed == 5
+    assert (train.batch.padding, train.batch.mean, train.batch.std) == (4, list(CIFAR10_MEAN), list(CIFAR10_STD))
     names = [type(t).__name__ for t in CIFAR100DataModule(download=False).eval_transform().transforms]
     assert names == ["ToImage", "ToDtype", "Normalize"]
 
@@ -244,17 +248,17 @@ def test_image_folder_cifar_jpeg_tree_with_defaults(tmp_path):
     assert dm.class_names == sorted(CIFAR10_LABEL_NAMES)
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (20, 3, 32, 32)
-    names = [type(t).__name__ for t in dm.train_transform().transforms]
-    assert names == ["ToImage", "Resize", "RandomCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
-    assert dm.train_transform().transforms[2].padding == [4, 4, 4, 4]  # image_size // 8
+    train = dm.train_transform()  # decode (Resize + CenterCrop), then RandomCrop + flip drawn per sample
+    assert [type(t).__name__ for t in train.decode.transforms] == ["ToImage", "Resize", "CenterCrop", "ToPureTensor"]
+    assert train.batch.padding == 4  # image_size // 8
 
 
 def test_image_folder_large_images(tmp_path):
     root = write_tiny_image_folder(tmp_path, 2, per_class=2, size=90, splits=("train", "val", "test"))
     dm = ImageFolderDataModule(root=root, image_size=72, batch_size=4, **FAST)
     assert dm.eval_dir.endswith("val")  # val/ wins over test/
-    names = [type(t).__name__ for t in dm.train_transform().transforms]
-    assert names == ["ToImage", "RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    train = dm.train_transform()
+    assert isinstance(train, ResizedCropFlipNormalize) and train.size == 72
     resize = dm.eval_transform().transforms[1]
     assert type(resize).__name__ == "Resize" and list(resize.size) == [int(72 * 256 / 224)]
     dm.setup("fit")
@@ -301,6 +305,21 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataModule(root=root)
     message = str(info.value)
     assert "differ" in message and "missing from val/: ['b']" in message and "not in train/: ['z']" in message
+
+
+def test_an_unreadable_image_is_one_error_naming_its_file(tmp_path):
+    root = write_tiny_image_folder(tmp_path, 2, per_class=2, ext="jpg")
+    bad = os.path.join(root, "train", "class_01", "0001.jpg")
+    with open(bad, "rb") as file:
+        data = file.read()
+    with open(bad, "wb") as file:
+        file.write(data[: len(data) // 2])  # a truncated JPEG: PIL's error does not name it
+    for resident in (False, True):  # (a worker re-raises the error with its message; torch then takes seconds to stop)
+        dm = ImageFolderDataModule(root=root, batch_size=4, num_workers=0, tensor_resident=resident)
+        with pytest.raises(OSError, match=f"cannot read the image {re.escape(bad)}: image file is truncated") as info:
+            dm.setup("fit")  # the tensor-resident path decodes here
+            list(dm.train_dataloader())
+        assert info.value.__suppress_context__  # one error, not PIL's traceback and then ours
 
 
 # --------------------------------------------------------------------------- sampler

@@ -136,11 +136,26 @@ class RunCheckpoint(ModelCheckpoint):
                 error.errno, f"Checkpoint directory {self.dirpath!r} is not writable ({error.strerror or error})"
             ) from error
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Save every ``every_n_train_steps`` steps as usual, except at an epoch's last batch: that save waits for the
+        end of the epoch. pytorch-lightning 2.6 resumes a checkpoint written at an epoch's last batch (before the
+        epoch's validation) with its fit loop one step off: it skips that validation and the next epoch's start."""
+        at_last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if at_last_batch and due:
+            self._defer_save_until_validation = True  # see on_validation_end / on_train_epoch_end
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def _save_last_if_behind(self, trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._defer_save_until_validation and self._should_save_on_train_epoch_end(trainer):
+            self._defer_save_until_validation = False  # no validation follows: the deferred save is now
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)

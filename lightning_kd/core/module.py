@@ -334,7 +334,8 @@ class DistillationModule(pl.LightningModule):
         checkpoint["input_shape"] = self.input_shape
         if self.teacher_source is not None:
             checkpoint["teacher_source"] = dataclasses.asdict(self.teacher_source)
-        # Lightning does not save random states; with them a resumed run draws the same augmentations.
+        # Lightning does not save the global random states; with them a resumed run's random draws (dropout, a
+        # method's sampling) go on as in the uninterrupted run. (Augmentation is drawn from each sample's key.)
         checkpoint["rng_states"] = _collect_rng_states()
         if self.teacher_cost is not None:
             checkpoint["teacher_cost"] = self.teacher_cost.state_dict()

@@ -5,7 +5,7 @@ from lightning_kd.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_kd.data.folder import ImageFolderDataModule
 from lightning_kd.data.imagenet import ImageNetDataModule, ImagenetteDataModule
 from lightning_kd.data.pool import MixedPoolDataset, QueryPoolDataModule, mix_images
-from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler
+from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler, ResumableLoader
 
 __all__ = [
     "ClassificationDataModule",
@@ -19,4 +19,5 @@ __all__ = [
     "mix_images",
     "EpochSeededRandomSampler",
     "ClassPairBatchSampler",
+    "ResumableLoader",
 ]

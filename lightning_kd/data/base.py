@@ -5,17 +5,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
 from torchvision.transforms import v2
 
-from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler
-from lightning_kd.data.tensor_resident import CropFlipNormalize, TensorImageDataset
+from lightning_kd.data.augment import KeyedTransform
+from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler, ResumableLoader
+from lightning_kd.data.tensor_resident import CropFlipNormalize, DrawRecord, PerSampleCropFlip, TensorImageDataset
 
-__all__ = ["ClassificationDataModule", "TransformedSubset"]
+__all__ = ["ClassificationDataModule", "TransformedSubset", "read_image", "run_seed"]
 
 
 def _accelerator_available() -> bool:
@@ -33,16 +36,32 @@ def _free_memory_bytes() -> int:
     return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
+def run_seed() -> int:
+    """The run's seed: ``seed_everything``'s (which Lightning keeps in ``PL_GLOBAL_SEED``), 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def read_image(path: str) -> Any:
+    """torchvision's image loader (an RGB PIL image), failing with the path of a file it cannot decode (truncated,
+    corrupt, not an image): PIL's own message often does not name it."""
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise OSError(f"cannot read the image {path}: {error}") from None
+
+
 class TransformedSubset(Dataset):
     """A (sub)set of a dataset of ``(image, target)`` pairs with a transform on the image.
 
     Lets the training and the held-out validation part of one loaded split use
-    different transforms without loading the split twice.
+    different transforms without loading the split twice. Items are read by position (as in epoch 0) or by the key
+    ``(epoch, position)`` the training loaders pass (:class:`~lightning_kd.data.samplers.ResumableLoader`).
 
     Args:
         dataset: dataset returning ``(image, target)`` with an untransformed image.
         indices: the indices of ``dataset`` to expose; ``None`` for all of them.
-        transform: applied to the image.
+        transform: applied to the image; a :class:`~lightning_kd.data.augment.KeyedTransform` is also given the
+            epoch and the sample's index in ``dataset``, from which it draws its augmentation.
     """
 
     def __init__(
@@ -58,11 +77,14 @@ class TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[Any, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if self.indices is not None:
             index = self.indices[index]
         image, target = self.dataset[index]
-        if self.transform is not None:
+        if isinstance(self.transform, KeyedTransform):
+            image = self.transform(image, epoch, index)
+        elif self.transform is not None:
             image = self.transform(image)
         return image, target
 
@@ -81,9 +103,15 @@ class ClassificationDataModule(pl.LightningDataModule):
     """Base class of the image-classification data modules.
 
     A subclass provides :attr:`num_classes` (valid right after ``__init__``), loads its
-    untransformed splits in :meth:`_load_splits` and defines :meth:`train_transform` and
-    :meth:`eval_transform`. This class handles the validation hold-out, the
+    untransformed splits in :meth:`_load_splits` and defines :meth:`train_transform` (or :meth:`batch_transform`)
+    and :meth:`eval_transform`. This class handles the validation hold-out, the
     reproducible training shuffle and the dataloaders.
+
+    A run means one thing: the shuffle of epoch ``e`` is a function of ``(seed, e)`` and a training sample's
+    augmentation a function of ``(seed, e, sample index)`` (:mod:`lightning_kd.data.augment`), whatever the number of
+    workers or DDP ranks and whichever data path (``tensor_resident``) is taken; the training loader's position in
+    its epoch is saved in every checkpoint (:class:`~lightning_kd.data.samplers.ResumableLoader`), so a run resumed
+    from any checkpoint, mid-epoch too, goes on exactly as if it had not stopped.
 
     Args:
         root: directory of the dataset.
@@ -93,14 +121,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation. ``None``:
+            the run's seed, ``seed_everything``'s (which the CLI sets before it creates the module), 0 when none is set.
         paired_batches: follow every training batch with a partner of the same class for each sample
             (:class:`~lightning_kd.data.samplers.ClassPairBatchSampler`, for CS-KD): batches then hold
             ``2 * batch_size`` samples.
         tensor_resident: keep each split decoded as one uint8 tensor and augment and normalise whole batches
             on the training device (``on_after_batch_transfer``) instead of per image in the workers; the
-            loaders then serve uint8 batches. ``None``: on where the module supports it and the decoded
-            splits take under a quarter of the free memory.
+            loaders then serve draw records (training) and uint8 images, which ``on_after_batch_transfer`` finishes.
+            Both paths give bit-identical batches. ``None``: on where the module supports it and the decoded splits
+            take under a quarter of the free memory (a choice of speed only).
     """
 
     def __init__(
@@ -111,7 +141,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
         tensor_resident: Optional[bool] = False,
     ) -> None:
@@ -135,7 +165,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.val_split = float(val_split)
-        self.seed = int(seed)
+        self._seed_given = seed is not None
+        self.seed = run_seed() if seed is None else int(seed)
         self.paired_batches = bool(paired_batches)
         self.tensor_resident = None if tensor_resident is None else bool(tensor_resident)
         self._batch_transform: Optional[CropFlipNormalize] = None  # set by setup() for tensor-resident splits
@@ -155,9 +186,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Load ``(train, test, class_names)``; the datasets return untransformed images."""
         raise NotImplementedError
 
-    def train_transform(self) -> Callable[[Any], torch.Tensor]:
-        """Transform of the training images (augmentation included)."""
-        raise NotImplementedError
+    def train_transform(self) -> Callable[..., torch.Tensor]:
+        """Transform of the training images, augmentation included; a
+        :class:`~lightning_kd.data.augment.KeyedTransform` draws it from each sample's key (any other transform makes
+        the augmentation depend on the worker processes' random state). Default, for a module with a
+        :meth:`batch_transform`: :class:`~lightning_kd.data.tensor_resident.PerSampleCropFlip`, i.e. decode, then that
+        batch transform on a batch of one, so that the per-sample and the tensor-resident path give the same batches."""
+        batch = self.batch_transform()
+        if batch is None:
+            raise NotImplementedError(f"{type(self).__name__} must define `train_transform`")
+        return PerSampleCropFlip(self.decode_transform(), batch)
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         """Transform of the validation/test images."""
@@ -165,7 +203,7 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def batch_transform(self) -> Optional[CropFlipNormalize]:
         """The per-batch counterpart of :meth:`train_transform` / :meth:`eval_transform` for tensor-resident
-        splits; ``None`` (the default): this module has no tensor-resident path."""
+        splits, seeded with :attr:`seed`; ``None`` (the default): this module has no tensor-resident path."""
         return None
 
     def decode_transform(self) -> Callable[[Any], torch.Tensor]:
@@ -200,8 +238,8 @@ class ClassificationDataModule(pl.LightningDataModule):
                 TensorImageDataset.decode(TransformedSubset(split, None, decode), self.num_workers)
                 for split in (train, test)
             )
-            train_tf = eval_tf = None
             self._batch_transform = self.batch_transform()
+            train_tf, eval_tf = DrawRecord(self._batch_transform), None
         else:
             train_tf, eval_tf = self.train_transform(), self.eval_transform()
         if self.val_split > 0.0:
@@ -234,13 +272,52 @@ class ClassificationDataModule(pl.LightningDataModule):
         image, _ = TransformedSubset(train, [0], self.decode_transform())[0]
         return image.numel() * (len(train) + len(test)) < _free_memory_bytes() / 4  # type: ignore[arg-type]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The data seed, saved in every checkpoint."""
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed fit keeps the checkpoint's data seed, or its shuffle and augmentation would change from there on.
+        A seed taken from the run's (``seed_everything``, which the CLI draws anew at every start unless set) gives way
+        to the checkpoint's, and the module is set up again; a ``seed`` given that differs is refused."""
+        saved = state_dict.get("seed")
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if not fitting or saved is None or saved == self.seed:
+            return
+        if self._seed_given:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was trained with the data seed {saved}, this run has "
+                f"{self.seed}: resume with --data.init_args.seed {saved} (or without data.seed), or start a new run"
+            )
+        self.seed = int(saved)
+        self._forget_setup()
+        self.setup("fit")
+
+    def _forget_setup(self) -> None:
+        """Drop what :meth:`setup` made, so that it sets the module up again."""
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+        self._batch_transform = None
+
+    def _look_up(self, batch: Any) -> Any:
+        """A tensor-resident training batch, draw records ``(index, top, left, flip)``, as ``((images, draws),
+        targets)`` with the images read from the training split (on the host); any other batch as it is."""
+        records, targets = batch
+        if self._batch_transform is None or not (torch.is_tensor(records) and records.dtype == torch.int64):
+            return batch
+        images = self.train_dataset.dataset.images[records[:, 0].cpu()].to(records.device)  # type: ignore[union-attr]
+        return (images, records[:, 1:]), targets
+
     def transform_batch(self, batch: Any, augment: bool) -> Any:
-        """Finish a batch on its device: a tensor-resident batch is augmented (if ``augment``) and normalised,
-        any other is returned as it is."""
+        """Finish a batch on its device: a tensor-resident batch is augmented (if ``augment``, with the draws its
+        records carry) and normalised, any other is returned as it is."""
         if self._batch_transform is None:
             return batch
-        images, targets = batch
-        return self._batch_transform(images, augment), targets
+        x, targets = self._look_up(batch)
+        images, draws = x if isinstance(x, tuple) else (x, None)
+        return self._batch_transform(images, augment, draws), targets
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self._look_up(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self.trainer is not None and self.trainer.training
@@ -253,19 +330,22 @@ class ClassificationDataModule(pl.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = EpochSeededRandomSampler(len(dataset), seed=self.seed) if train else None  # type: ignore[arg-type]
-        if train and self.paired_batches:
+        """An evaluation loader, or the :class:`~lightning_kd.data.samplers.ResumableLoader` of the ``(seed,
+        epoch)`` training shuffle (class-paired with ``paired_batches``). Neither draws from the global RNG."""
+        options = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and _accelerator_available(),
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if not train:
+            return DataLoader(dataset, batch_size=self.batch_size, **options)
+        sampler = EpochSeededRandomSampler(len(dataset), seed=self.seed)  # type: ignore[arg-type]
+        if self.paired_batches:
             targets = dataset.targets  # type: ignore[attr-defined]
-            batching = {"batch_sampler": ClassPairBatchSampler(sampler, self.batch_size, False, targets)}
-        else:
-            batching = {"batch_size": self.batch_size, "sampler": sampler, "drop_last": False}
-        return DataLoader(
-            dataset,
-            **batching,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and _accelerator_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+            pairs = ClassPairBatchSampler(sampler, self.batch_size, False, targets)
+            return ResumableLoader(dataset, batch_sampler=pairs, **options)
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.train_dataset, "train"), train=True)

@@ -46,7 +46,7 @@ class _CIFARDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
         tensor_resident: Optional[bool] = None,
     ) -> None:
@@ -98,19 +98,9 @@ class _CIFARDataModule(ClassificationDataModule):
         test = self._make_dataset(train=False)
         return train, test, list(train.classes)
 
-    def train_transform(self) -> Callable[[Any], torch.Tensor]:
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.RandomCrop(32, padding=4),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(self.MEAN), std=list(self.STD)),
-            ]
-        )
-
     def batch_transform(self) -> CropFlipNormalize:
-        return CropFlipNormalize(padding=4, mean=self.MEAN, std=self.STD)
+        """RandomCrop(32, padding=4) + flip + normalisation, drawn per sample (also the per-sample path's)."""
+        return CropFlipNormalize(padding=4, mean=self.MEAN, std=self.STD, seed=self.seed)
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         return v2.Compose(
@@ -125,8 +115,8 @@ class _CIFARDataModule(ClassificationDataModule):
 class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10 (10 classes, 50k train / 10k test images of 32x32).
 
-    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation; eval: normalisation.
-    The test split doubles as validation split unless ``val_split > 0``.
+    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation, drawn from each sample's
+    ``(seed, epoch, index)``; eval: normalisation. The test split doubles as validation split unless ``val_split > 0``.
 
     Args:
         root: directory containing (or receiving) the extracted ``cifar-10-batches-py``.
@@ -137,10 +127,12 @@ class CIFAR10DataModule(_CIFARDataModule):
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
+            the run's (``seed_everything``'s), 0 when none is set.
         paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
         tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
-            batches on the training device; ``None``: on where it fits in memory (a quarter of the free memory).
+            batches on the training device (the same batches as the per-sample path, faster); ``None``: on where it
+            fits in memory (a quarter of the free memory).
     """
 
     dataset_cls = datasets.CIFAR10
@@ -158,7 +150,7 @@ class CIFAR10DataModule(_CIFARDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
         tensor_resident: Optional[bool] = None,
     ) -> None:
@@ -179,8 +171,8 @@ class CIFAR10DataModule(_CIFARDataModule):
 class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100 (100 fine classes, 50k train / 10k test images of 32x32).
 
-    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation; eval: normalisation.
-    The test split doubles as validation split unless ``val_split > 0``.
+    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation, drawn from each sample's
+    ``(seed, epoch, index)``; eval: normalisation. The test split doubles as validation split unless ``val_split > 0``.
 
     Args:
         root: directory containing (or receiving) the extracted ``cifar-100-python``.
@@ -191,10 +183,12 @@ class CIFAR100DataModule(_CIFARDataModule):
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on
             the test split, as most of the literature reports.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
+            the run's (``seed_everything``'s), 0 when none is set.
         paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
         tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
-            batches on the training device; ``None``: on where it fits in memory (a quarter of the free memory).
+            batches on the training device (the same batches as the per-sample path, faster); ``None``: on where it
+            fits in memory (a quarter of the free memory).
     """
 
     dataset_cls = datasets.CIFAR100
@@ -212,7 +206,7 @@ class CIFAR100DataModule(_CIFARDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
         tensor_resident: Optional[bool] = None,
     ) -> None:

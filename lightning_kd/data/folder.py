@@ -11,7 +11,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from lightning_kd.data.base import ClassificationDataModule
+from lightning_kd.data.augment import ResizedCropFlipNormalize
+from lightning_kd.data.base import ClassificationDataModule, read_image
 from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from lightning_kd.data.tensor_resident import CropFlipNormalize
 
@@ -44,11 +45,13 @@ class ImageFolderDataModule(ClassificationDataModule):
     folder names of ``train/``, which both splits must share. The extracted CIFAR-10
     JPEG tree (``train/`` + ``test/``) works with the defaults.
 
-    Train transform: for ``image_size <= 64`` Resize(image_size) + RandomCrop(image_size,
-    padding=image_size // 8) + horizontal flip; for larger sizes RandomResizedCrop(image_size)
-    + flip. Eval: Resize(image_size) + CenterCrop(image_size), resizing to
+    Train transform: for ``image_size <= 64`` Resize(image_size) + CenterCrop(image_size) +
+    RandomCrop(image_size, padding=image_size // 8) + horizontal flip; for larger sizes
+    RandomResizedCrop(image_size) + flip; the crop and the flip are drawn from each sample's
+    ``(seed, epoch, index)``. Eval: Resize(image_size) + CenterCrop(image_size), resizing to
     ``int(image_size * 256 / 224)`` first for sizes above 64. Resizing/cropping are no-ops
-    for square images that already have ``image_size``.
+    for square images that already have ``image_size``. An image that cannot be decoded
+    (truncated, corrupt) stops the run with an error naming its file.
 
     Args:
         root: directory holding the ``train/`` and ``val/`` (or ``test/``) class folders.
@@ -61,12 +64,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on
             the val/test split, as most of the literature reports.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
+            the run's (``seed_everything``'s), 0 when none is set.
         paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
         tensor_resident: for ``image_size <= 64``, decode every image once (Resize + CenterCrop to
             ``image_size``, in memory) into one uint8 tensor and crop, flip and normalise whole batches on the
-            training device; ``None``: on for such sizes where it fits in memory (a quarter of the free memory).
-            Square images give the per-sample path's augmentation; others are center-cropped before it.
+            training device (the same batches as the per-sample path, faster); ``None``: on for such sizes where it
+            fits in memory (a quarter of the free memory).
     """
 
     def __init__(
@@ -80,7 +84,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
         tensor_resident: Optional[bool] = None,
     ) -> None:
@@ -176,37 +180,23 @@ class ImageFolderDataModule(ClassificationDataModule):
         return list(self._class_names or [])
 
     def _load_splits(self) -> tuple[Dataset, Dataset, list[str]]:
-        train = datasets.ImageFolder(self.train_dir)
-        test = datasets.ImageFolder(self.eval_dir)
+        train = datasets.ImageFolder(self.train_dir, loader=read_image)
+        test = datasets.ImageFolder(self.eval_dir, loader=read_image)
         if train.classes != self.class_names or test.classes != self.class_names:
             raise RuntimeError(
                 f"ImageFolderDataModule: the class folders under {self.root!r} changed since __init__"
             )
         return train, test, list(train.classes)
 
-    def train_transform(self) -> Callable[[Any], torch.Tensor]:
-        size = self.image_size
-        if size <= _SMALL_IMAGE_MAX:
-            geometric = [
-                v2.Resize(size, antialias=True),
-                v2.RandomCrop(size, padding=size // 8),
-                v2.RandomHorizontalFlip(),
-            ]
-        else:
-            geometric = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                *geometric,
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(self.mean), std=list(self.std)),
-            ]
-        )
+    def train_transform(self) -> Callable[..., torch.Tensor]:
+        if self.image_size <= _SMALL_IMAGE_MAX:
+            return super().train_transform()  # decode (Resize + CenterCrop), then batch_transform's crop and flip
+        return ResizedCropFlipNormalize(self.image_size, self.mean, self.std, self.seed)
 
     def batch_transform(self) -> Optional[CropFlipNormalize]:
         if self.image_size > _SMALL_IMAGE_MAX:
             return None
-        return CropFlipNormalize(padding=self.image_size // 8, mean=self.mean, std=self.std)
+        return CropFlipNormalize(padding=self.image_size // 8, mean=self.mean, std=self.std, seed=self.seed)
 
     def decode_transform(self) -> Callable[[Any], torch.Tensor]:
         size = self.image_size

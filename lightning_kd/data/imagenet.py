@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from lightning_kd.data.base import ClassificationDataModule
+from lightning_kd.data.augment import ResizedCropFlipNormalize
+from lightning_kd.data.base import ClassificationDataModule, read_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -143,7 +144,7 @@ class _ClassFolders(datasets.ImageFolder):
 
     def __init__(self, root: str, classes: Sequence[str], per_class: Optional[int] = None) -> None:
         self._selected = list(classes)
-        super().__init__(root, allow_empty=True)
+        super().__init__(root, loader=read_image, allow_empty=True)
         if per_class is not None:
             taken: collections.Counter = collections.Counter()
             kept = []
@@ -161,8 +162,9 @@ class _ClassFolders(datasets.ImageFolder):
 class _WordNetDataModule(ClassificationDataModule):
     """Shared part of the ImageNet-style modules: classes named by WordNet id, ImageNet transforms.
 
-    Train: RandomResizedCrop(image_size) + horizontal flip; eval: Resize(image_size·256/224) +
-    CenterCrop(image_size); both normalised with the ImageNet mean and std.
+    Train: RandomResizedCrop(image_size) + horizontal flip, drawn from each sample's ``(seed, epoch, index)``; eval:
+    Resize(image_size·256/224) + CenterCrop(image_size); both normalised with the ImageNet mean and std. An image that
+    cannot be decoded (truncated, corrupt) stops the run with an error naming its file.
     """
 
     def __init__(self, root: str, wnids: Sequence[str], image_size: int, **loader_args: Any) -> None:
@@ -193,10 +195,11 @@ class _WordNetDataModule(ClassificationDataModule):
         self.save_hyperparameters({"class_wnids": self.class_names})
 
     def state_dict(self) -> dict[str, Any]:
-        """The label -> WordNet id mapping, saved in every checkpoint."""
-        return {"class_wnids": self.class_names}
+        """The data seed and the label -> WordNet id mapping, saved in every checkpoint."""
+        return {**super().state_dict(), "class_wnids": self.class_names}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         saved = state_dict.get("class_wnids")
         if saved is not None and list(saved) != self.class_names:
             changed = sorted(set(saved) ^ set(self.class_names))
@@ -205,16 +208,8 @@ class _WordNetDataModule(ClassificationDataModule):
                 f"ids in one but not the other: {_listing(changed)}"
             )
 
-    def train_transform(self) -> Callable[[Any], torch.Tensor]:
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.RandomResizedCrop(self.image_size, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-            ]
-        )
+    def train_transform(self) -> Callable[..., torch.Tensor]:
+        return ResizedCropFlipNormalize(self.image_size, IMAGENET_MEAN, IMAGENET_STD, self.seed)
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         return v2.Compose(
@@ -253,7 +248,8 @@ class ImageNetDataModule(_WordNetDataModule):
         pin_memory: pin host memory of the batches (only when an accelerator is present).
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on ``val/``.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
+            the run's (``seed_everything``'s), 0 when none is set.
         paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
     """
 
@@ -269,7 +265,7 @@ class ImageNetDataModule(_WordNetDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         paired_batches: bool = False,
     ) -> None:
         super().__init__(
@@ -340,7 +336,8 @@ class ImagenetteDataModule(_WordNetDataModule):
         pin_memory: pin host memory of the batches (only when an accelerator is present).
         persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
         val_split: fraction of the training split held out for validation; 0 validates on ``val``.
-        seed: seed of the validation hold-out and of the per-epoch training shuffle.
+        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
+            the run's (``seed_everything``'s), 0 when none is set.
     """
 
     def __init__(
@@ -354,7 +351,7 @@ class ImagenetteDataModule(_WordNetDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__(
             root,
@@ -379,7 +376,7 @@ class ImagenetteDataModule(_WordNetDataModule):
 
     def _load_split(self, split: str) -> Dataset:
         try:
-            dataset = datasets.Imagenette(self.root, split=split, size=self.size)
+            dataset = datasets.Imagenette(self.root, split=split, size=self.size, loader=read_image)
         except RuntimeError:
             raise FileNotFoundError(
                 f"Imagenette ({self.size}) not found under root={self.root!r}. Set download=true to download it, "

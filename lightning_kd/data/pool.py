@@ -10,13 +10,14 @@ labelled so far. The set grows through Lightning's normal data reloading: with
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
+from lightning_kd.data.augment import KeyedTransform
 from lightning_kd.data.base import ClassificationDataModule, TransformedSubset
+from lightning_kd.data.tensor_resident import crop_flip, crop_flip_draws
 
 __all__ = ["MixedPoolDataset", "QueryPoolDataModule", "mix_images"]
 
@@ -32,8 +33,22 @@ def mix_images(pool: torch.Tensor, first: torch.Tensor, second: torch.Tensor, we
     return torch.lerp(pool[second], pool[first], weight)
 
 
+class CropFlip(KeyedTransform):
+    """``RandomCrop(size, padding) + RandomHorizontalFlip()`` of a ``(C, H, W)`` image tensor (zero padding), drawn
+    from the sample's key (:func:`~lightning_kd.data.tensor_resident.crop_flip_draws`)."""
+
+    def __init__(self, padding: int, seed: int) -> None:
+        super().__init__(seed)
+        self.padding = int(padding)
+
+    def apply(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        draws = torch.tensor([crop_flip_draws(self.seed, epoch, index, self.padding)])
+        return crop_flip(image[None], self.padding, draws)[0]
+
+
 class MixedPoolDataset(Dataset):
-    """Items ``(w·pool[first] + (1−w)·pool[second], target)``, with an optional transform of the mixed image."""
+    """Items ``(w·pool[first] + (1−w)·pool[second], target)``, with an optional keyed transform of the mixed image;
+    read by index (as in epoch 0) or by the ``(epoch, index)`` key the training loader passes."""
 
     def __init__(
         self,
@@ -42,7 +57,7 @@ class MixedPoolDataset(Dataset):
         second: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
-        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        transform: Optional[KeyedTransform] = None,
     ) -> None:
         self.pool, self.first, self.second, self.weight, self.targets = pool, first, second, weight, targets
         self.transform = transform
@@ -50,10 +65,11 @@ class MixedPoolDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image = mix_images(self.pool, self.first[index], self.second[index], self.weight[index])
         if self.transform is not None:
-            image = self.transform(image)
+            image = self.transform(image, epoch, index)
         return image, self.targets[index]
 
 
@@ -69,12 +85,14 @@ class QueryPoolDataModule(ClassificationDataModule):
         source: the data module the pool comes from; its batch size, workers and evaluation splits are used.
         pool_size: number of unlabeled training images; a split with fewer gives all of its images (with a
             warning).
-        augment: random crop (padding of 1/8 of the side) and horizontal flip of the training images.
-        seed: which training images make the pool, and the training shuffle.
+        augment: random crop (padding of 1/8 of the side) and horizontal flip of the training images, drawn from each
+            mix's ``(seed, epoch, index)``.
+        seed: which training images make the pool, the training shuffle and the augmentation; ``None``: the run's
+            (``seed_everything``'s), 0 when none is set.
     """
 
     def __init__(
-        self, source: ClassificationDataModule, pool_size: int = 1000, augment: bool = True, seed: int = 0
+        self, source: ClassificationDataModule, pool_size: int = 1000, augment: bool = True, seed: Optional[int] = None
     ) -> None:
         super().__init__(
             root=source.root,
@@ -134,12 +152,11 @@ class QueryPoolDataModule(ClassificationDataModule):
             return batch
         return self.source.transform_batch(batch, augment=False)
 
-    def train_transform(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    def train_transform(self) -> Optional[KeyedTransform]:
         """Random crop and flip of the (already normalised) mixed images, or ``None`` without ``augment``."""
         if not self.augment:
             return None
-        size = self.pool.shape[-1]
-        return v2.Compose([v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()])
+        return CropFlip(padding=self.pool.shape[-1] // 8, seed=self.seed)
 
     # --- the labelled set -----------------------------------------------------------------------
     def add(self, first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -163,6 +180,7 @@ class QueryPoolDataModule(ClassificationDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "pool_indices": self.pool_indices,
             "first": self.first,
             "second": self.second,
@@ -171,7 +189,12 @@ class QueryPoolDataModule(ClassificationDataModule):
             "additions": self.additions,
         }
 
+    def _forget_setup(self) -> None:
+        super()._forget_setup()
+        self.pool = self.pool_indices = None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         if self.pool_indices is not None and not torch.equal(state["pool_indices"], self.pool_indices):
             raise ValueError(
                 "The checkpoint's unlabeled pool is not this data module's: resume with the same source data, "

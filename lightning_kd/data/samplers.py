@@ -1,4 +1,5 @@
-"""Samplers whose order is a pure function of ``(seed, epoch)``, and class-pair batches (CS-KD).
+"""Samplers whose order is a pure function of ``(seed, epoch)``, class-pair batches (CS-KD), and the training loader
+that keys samples by ``(epoch, index)`` and resumes mid-epoch.
 
 ``torch.utils.data.RandomSampler`` draws its permutation from the global RNG (or from a
 generator whose state advances every epoch), so a run that is interrupted and resumed
@@ -13,19 +14,23 @@ Under DDP, Lightning wraps any custom sampler in a
 
 :class:`ClassPairBatchSampler` follows each batch with a partner of the same class for every
 sample, as class-wise self-distillation (CS-KD) needs.
+
+:class:`ResumableLoader` serves the training batches: its dataset receives ``(epoch, index)`` keys, from which the
+augmentation is drawn (:mod:`lightning_kd.data.augment`), and its position in the epoch is part of every checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Iterator, Sequence, Sized
-from typing import Union
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-__all__ = ["ClassPairBatchSampler", "EpochSeededRandomSampler"]
+__all__ = ["ClassPairBatchSampler", "EpochSeededRandomSampler", "ResumableLoader"]
 
 _UINT64_MASK = (1 << 64) - 1
 
@@ -132,3 +137,67 @@ class ClassPairBatchSampler(BatchSampler):
             if self.drop_last and len(batch) < self.batch_size:
                 return
             yield batch + partners[start : start + self.batch_size]
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``: it indexes its dataset with ``(epoch, index)`` keys and resumes mid-epoch.
+
+    * **Keys.** Every index of the (batch) sampler reaches the dataset as ``(epoch, index)``, ``epoch`` being the
+      sampler's (``set_epoch``), so a :class:`~lightning_kd.data.augment.KeyedTransform` draws the sample's
+      augmentation from it, in any worker process. The (batch) samplers themselves still yield plain indices.
+    * **Late start.** The epoch is read when the first batch is asked for, not when the iterator is made: on resume
+      Lightning makes the epoch's iterator before it calls ``set_epoch``, and worker processes take indices as soon
+      as their iterator exists (a plain ``DataLoader`` with workers then shuffles the resumed epoch like epoch 0).
+    * **State.** :meth:`state_dict` is the epoch and the number of batches served in it; after :meth:`load_state_dict`
+      the next iteration over that epoch skips those batches (their indices are never loaded), any other epoch
+      starts from its beginning. Lightning saves the state of a training loader with ``state_dict`` and
+      ``load_state_dict`` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it before
+      it iterates, so a run resumed mid-epoch sees the rest of the epoch instead of its beginning again. Under DDP
+      every rank serves as many batches, so rank 0's count, the one saved, is every rank's.
+
+    Give it a ``generator``: the seed of its worker processes is then not drawn from the global random state, which a
+    resumed run restores and the model may draw from (dropout).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = {"epoch": 0, "batches": 0}
+        self._resume: Optional[dict[str, int]] = None
+
+    @property
+    def _index_sampler(self) -> "_KeyedBatches":  # what DataLoader iterators draw the indices of each batch from
+        return _KeyedBatches(self.batch_sampler, self._served)
+
+    def __iter__(self) -> Iterator[Any]:  # a generator: runs from the first request for a batch on
+        epoch = int(getattr(self.batch_sampler.sampler, "epoch", 0))
+        resume, self._resume = self._resume, None
+        start = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self._served.update(epoch=epoch, batches=start)
+        for batch in super().__iter__():
+            self._served["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch being served and how many of its batches were served."""
+        return dict(self._served)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip ``state["batches"]`` batches when epoch ``state["epoch"]`` is served next."""
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+
+class _KeyedBatches:
+    """The batches of ``batch_sampler`` as ``(epoch, index)`` keys, from batch ``served["batches"]`` of epoch
+    ``served["epoch"]`` on (a :class:`ResumableLoader`'s position, read when the iteration starts)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], served: dict[str, int]) -> None:
+        self.batch_sampler = batch_sampler
+        self.served = served
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.served["epoch"], self.served["batches"]
+        for batch in itertools.islice(self.batch_sampler, start, None):
+            yield [(epoch, int(index)) for index in batch]

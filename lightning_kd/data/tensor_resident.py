@@ -1,21 +1,29 @@
 """Tensor-resident small-image data: the decoded uint8 split kept as one tensor, augmented per batch.
 
 With the per-sample path every image goes through PIL and torchvision's transforms in a DataLoader worker,
-every epoch. Here a split is decoded once into one ``(N, C, H, W)`` uint8 tensor; loaders serve uint8 batches
-and :class:`CropFlipNormalize`, run by the data module's ``on_after_batch_transfer`` on the training device,
-draws a random crop (zero padding) and a horizontal flip for every image of the batch, then scales and
-normalises it, with the same distribution as ``RandomCrop(size, padding) + RandomHorizontalFlip()``.
+every epoch. Here a split is decoded once into one ``(N, C, H, W)`` uint8 tensor. A training loader serves no pixels,
+only a *draw record* ``(index, top, left, flip)`` per sample (:class:`DrawRecord`): the data module looks the images
+up on the host before the transfer, and :class:`CropFlipNormalize`, run by its ``on_after_batch_transfer`` on the
+training device, crops (zero padding), flips, scales and normalises the whole batch. Evaluation loaders serve uint8
+images, normalised the same way.
+
+Both paths draw a sample's crop and flip from its key ``(seed, epoch, index)`` (:mod:`lightning_kd.data.augment`)
+with the same distribution as ``RandomCrop(size, padding) + RandomHorizontalFlip()``, and apply them with the same
+tensor operations (:class:`PerSampleCropFlip`), so they give bit-identical batches: the path changes speed only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["CropFlipNormalize", "TensorImageDataset", "random_crop_flip"]
+from lightning_kd.data.augment import KeyedTransform, SampleRandom
+
+__all__ = ["CropFlipNormalize", "DrawRecord", "PerSampleCropFlip", "TensorImageDataset", "crop_flip", "crop_flip_draws"]
 
 
 class TensorImageDataset(Dataset):
@@ -45,18 +53,24 @@ class TensorImageDataset(Dataset):
         return self.images[index], int(self.targets[index])
 
 
-def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Per image of a ``(B, C, H, W)`` batch: a random ``H × W`` crop of the zero-padded image (offsets uniform
-    in ``[0, 2·padding]``) and a horizontal flip with probability 1/2, drawn on the batch's device."""
+def crop_flip_draws(seed: int, epoch: int, index: int, padding: int) -> tuple[int, int, int]:
+    """``(top, left, flip)`` of sample ``index`` in ``epoch``, drawn from its key: offsets uniform in
+    ``[0, 2·padding]`` (top first, as torchvision's ``RandomCrop``), flip 1 with probability 1/2."""
+    random = SampleRandom(seed, epoch, index)
+    offsets = 2 * padding + 1
+    return random.below(offsets), random.below(offsets), random.below(2)
+
+
+def crop_flip(images: torch.Tensor, padding: int, draws: torch.Tensor) -> torch.Tensor:
+    """Per image of a ``(B, C, H, W)`` batch: the ``H × W`` crop at offset ``(top, left)`` of the zero-padded image,
+    flipped horizontally where ``flip`` is 1; ``draws`` holds one ``(top, left, flip)`` row per image."""
     batch, channels, height, width = images.shape
     padded = TF.pad(images, [padding])
     device = images.device
-    top = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
-    left = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
-    flip = torch.rand(batch, 1, device=device) < 0.5
+    top, left, flip = draws.to(device).unsqueeze(-1).unbind(1)
     rows = top + torch.arange(height, device=device)
     columns = torch.arange(width, device=device)
-    columns = left + torch.where(flip, columns.flip(0), columns)
+    columns = left + torch.where(flip.bool(), columns.flip(0), columns)
     padded_width = padded.shape[-1]
     rows = padded.gather(2, rows[:, None, :, None].expand(batch, channels, height, padded_width))
     return rows.gather(3, columns[:, None, None, :].expand(batch, channels, height, width))
@@ -70,17 +84,56 @@ class CropFlipNormalize:
         padding: zero padding on every side before cropping back to the input size.
         mean: per-channel normalisation mean (images scaled to [0, 1]).
         std: per-channel normalisation standard deviation.
+        seed: the run's seed, from which every sample's crop and flip are drawn (:meth:`draws`).
     """
 
-    def __init__(self, padding: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, padding: int, mean: Sequence[float], std: Sequence[float], seed: int = 0) -> None:
         self.padding = int(padding)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
+        self.seed = int(seed)
 
-    def __call__(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+    def draws(self, epoch: int, index: int) -> tuple[int, int, int]:
+        """``(top, left, flip)`` of sample ``index`` in ``epoch`` (:func:`crop_flip_draws`)."""
+        return crop_flip_draws(self.seed, epoch, index, self.padding)
+
+    def __call__(self, images: torch.Tensor, augment: bool, draws: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Finish a uint8 batch; ``augment``: crop and flip first, image ``i`` with row ``i`` of ``draws`` (default:
+        the draws of samples ``0 … B−1`` in epoch 0)."""
         if augment:
-            images = random_crop_flip(images, self.padding)
+            if draws is None:
+                draws = torch.tensor([self.draws(0, index) for index in range(len(images))])
+            images = crop_flip(images, self.padding, draws)
         return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(padding={self.padding}, mean={self.mean}, std={self.std})"
+        return f"{type(self).__name__}(padding={self.padding}, mean={self.mean}, std={self.std}, seed={self.seed})"
+
+
+class DrawRecord(KeyedTransform):
+    """The training item of a tensor-resident split: no pixels, the record ``(index, top, left, flip)`` (int64)
+    of the sample and its draws, from which the data module finishes the batch on its device."""
+
+    def __init__(self, batch: CropFlipNormalize) -> None:
+        super().__init__(batch.seed)
+        self.batch = batch
+
+    def apply(self, image: Any, epoch: int, index: int) -> torch.Tensor:
+        return torch.tensor([index, *self.batch.draws(epoch, index)])
+
+
+class PerSampleCropFlip(KeyedTransform):
+    """The per-sample path of a tensor-resident module: ``decode`` the image, then ``batch`` on a batch of one
+    with the sample's draws, so both paths compute the very same tensor."""
+
+    def __init__(self, decode: Callable[[Any], torch.Tensor], batch: CropFlipNormalize) -> None:
+        super().__init__(batch.seed)
+        self.decode = decode
+        self.batch = batch
+
+    def apply(self, image: Any, epoch: int, index: int) -> torch.Tensor:
+        draws = torch.tensor([self.batch.draws(epoch, index)])
+        return self.batch(self.decode(image)[None], True, draws)[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decode={self.decode}, batch={self.batch})"
