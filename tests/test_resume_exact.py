@@ -226,7 +226,7 @@ def test_a_resumed_fit_keeps_the_data_seed_of_its_checkpoint(tiny_cifar10, tmp_p
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "3")
     straight = fit(None)  # data seed 3, the run's
-    refused = "trained with the data seed 3, this run has 4: resume with --data.init_args.seed 3"
+    refused = "trained with the data seed 3, this run has 4: run it with --data.init_args.seed 3"
     with pytest.raises(ValueError, match=refused):
         fit(4, tmp_path / "step=1.ckpt")
     monkeypatch.setenv("PL_GLOBAL_SEED", "4")  # the CLI draws a new run seed at every start unless one is set

@@ -197,3 +197,17 @@ def test_truncated_checkpoints_are_named(tiny_folder, teacher_run, tmp_path):
         KD(student="resnet8", teacher="resnet8", teacher_ckpt=str(truncated), num_classes=4)
     with pytest.raises(ValueError, match=f"Checkpoint '{truncated}' could not be read"):
         fit(tiny_folder, tmp_path, f"--ckpt_path={truncated}")
+
+
+def test_validation_from_a_checkpoint_holds_out_the_samples_its_fit_held_out(tiny_folder, tmp_path):
+    """The hold-out of ``val_split`` is drawn from the data seed (by default the run's ``seed_everything``, drawn
+    anew at every start unless set): ``validate`` from a checkpoint uses the checkpoint's, never a new one."""
+    fitted = fit(tiny_folder, tmp_path, "--data.val_split=0.25", "--seed_everything=5")
+    validated = cli_main(
+        ["validate", "--model=lightning_kd.methods.Baseline", "--model.student=resnet8",
+         "--data=lightning_kd.data.ImageFolderDataModule", "--data.image_size=32", "--data.val_split=0.25",
+         *data_args(tiny_folder, download=None), *trainer_args(tmp_path), "--seed_everything=6",
+         f"--ckpt_path={tmp_path}/checkpoints/last.ckpt"]
+    )
+    assert validated.datamodule.seed == 5
+    assert validated.datamodule.val_dataset.indices == fitted.datamodule.val_dataset.indices

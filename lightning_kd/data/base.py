@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -277,17 +276,17 @@ class ClassificationDataModule(pl.LightningDataModule):
         return {"seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed fit keeps the checkpoint's data seed, or its shuffle and augmentation would change from there on.
-        A seed taken from the run's (``seed_everything``, which the CLI draws anew at every start unless set) gives way
-        to the checkpoint's, and the module is set up again; a ``seed`` given that differs is refused."""
+        """A run from a checkpoint keeps its data seed: a resumed fit, or its shuffle and augmentation would change
+        from there on; validate/test, or a ``val_split`` hold-out would be drawn from other (training) samples. A seed
+        taken from the run's (``seed_everything``, which the CLI draws anew at every start unless set) gives way to
+        the checkpoint's, and the module is set up again; a ``seed`` given that differs is refused."""
         saved = state_dict.get("seed")
-        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if not fitting or saved is None or saved == self.seed:
+        if saved is None or saved == self.seed:
             return
         if self._seed_given:
             raise ValueError(
                 f"{type(self).__name__}: the checkpoint was trained with the data seed {saved}, this run has "
-                f"{self.seed}: resume with --data.init_args.seed {saved} (or without data.seed), or start a new run"
+                f"{self.seed}: run it with --data.init_args.seed {saved} (or without data.seed), or start a new run"
             )
         self.seed = int(saved)
         self._forget_setup()
