@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from typing import Literal, Optional
 
 import torch
@@ -70,12 +69,8 @@ def load_module(ckpt_path: str, method: Optional[str] = None) -> DistillationMod
 
     ``method``: ``module.Class`` of a method defined outside the library, imported to load the checkpoint.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no teacher_ckpt given.*")
-        # The teacher's weights are inside the checkpoint: its original file is not needed.
-        overrides = {"teacher_ckpt": None}
-        module = _method_class(ckpt_path, method).load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
-    return module.eval()
+    # The teacher's weights are inside the checkpoint: load_from_checkpoint does not read its original file.
+    return _method_class(ckpt_path, method).load_from_checkpoint(ckpt_path, map_location="cpu").eval()
 
 
 def export_student(
