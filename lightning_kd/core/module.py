@@ -33,7 +33,6 @@ from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     TeacherCost,
     TeacherSource,
-    file_sha256,
     freeze,
     load_weights,
     restrict_classifier,
