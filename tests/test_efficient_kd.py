@@ -162,7 +162,11 @@ def test_query_pool_serves_the_labelled_mixes_and_restores_them(tiny_cifar10):
     restored.setup("fit")
     restored.load_state_dict(data.state_dict())
     assert restored.labelled_count == 2 and restored.additions == 1
-    other = QueryPoolDataModule(cifar(tiny_cifar10), pool_size=6, seed=1)
+    other = QueryPoolDataModule(cifar(tiny_cifar10), pool_size=6, seed=data.seed + 1)
+    other.setup("fit")
+    with pytest.raises(ValueError, match=f"trained with the data seed {data.seed}, this run has {data.seed + 1}"):
+        other.load_state_dict(data.state_dict())
+    other = QueryPoolDataModule(cifar(tiny_cifar10), pool_size=5, seed=data.seed)
     other.setup("fit")
     with pytest.raises(ValueError, match="unlabeled pool is not this data module's"):
         other.load_state_dict(data.state_dict())
