@@ -19,7 +19,7 @@ from lightning_kd.core import DistillationModule, RunCheckpoint, file_sha256, lo
 from lightning_kd.data import ClassificationDataModule
 
 # Model arguments the CLI links from the data module when it instantiates the classes: not part of a resume check.
-LINKED_MODEL_ARGUMENTS = ("num_classes", "teacher_classes")
+LINKED_MODEL_ARGUMENTS = ("num_classes", "teacher_classes", "num_samples")
 WANDB_LOGGERS = ("pytorch_lightning.loggers.WandbLogger", "pytorch_lightning.loggers.wandb.WandbLogger")
 
 
@@ -111,8 +111,14 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 class KDLightningCLI(LightningCLI):
     """LightningCLI with the library's conventions: class count linked from the data, checkpoints on val/acc1."""
 
+    _model_counts_samples = False  # set before instantiation: the configured method declares sample_fields
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # The training-set size, for methods that keep state per sample (CRD's memory bank); None for the others.
+        parser.link_arguments(
+            "data", "model.init_args.num_samples", compute_fn=self._training_set_size, apply_on="instantiate"
+        )
         # ImageNet subsets: a 1000-class teacher answers for the data's classes only. jsonargparse skips this
         # link for data modules without the attribute, whose models keep teacher_classes unset.
         parser.link_arguments("data.imagenet_class_indices", "model.init_args.teacher_classes", apply_on="instantiate")
@@ -176,9 +182,25 @@ class KDLightningCLI(LightningCLI):
                 raise
             raise cause from None
 
+    def _training_set_size(self, data) -> Optional[int]:
+        """``data.num_train_samples`` for a method that declares ``sample_fields``, else ``None``: the data is read
+        (and first downloaded, as ``fit`` would) before the model is built only where the model needs its size."""
+        if not self._model_counts_samples or not hasattr(data, "num_train_samples"):
+            return None
+        data.prepare_data()
+        return data.num_train_samples
+
     def before_instantiate_classes(self) -> None:
-        """Name/group W&B runs by method and pair; fall back to offline W&B when no credentials exist."""
+        """Note whether the model keeps state per sample; name/group W&B runs by method and pair; fall back to
+        offline W&B when no credentials exist."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        class_path = config.model.get("class_path") if config.get("model") else None
+        model_class = _comparable(class_path) if class_path else None
+        self._model_counts_samples = bool(getattr(model_class, "sample_fields", ()))
+        self._configure_wandb(config)
+
+    @staticmethod
+    def _configure_wandb(config: Namespace) -> None:
         loggers = config.trainer.logger
         loggers = loggers if isinstance(loggers, list) else [loggers]
         for logger in loggers:

@@ -151,9 +151,9 @@ def test_fsp_two_stage_schedule_and_joint_variant(monkeypatch):
 
 
 def test_fsp_probe_leaves_the_student_untouched():
-    module = FSP(**PAIR)
-    before = state_hash(module.student)
-    module.setup("fit")
+    student = get_model(PAIR["student"], PAIR["num_classes"])
+    before = state_hash(student)
+    module = FSP(**{**PAIR, "student": student})
     assert state_hash(module.student) == before
     assert module.student.training and not module.teacher.training
 
@@ -166,10 +166,9 @@ def test_unequal_stage_counts_are_one_clear_error():
         SP(student_layers=[], teacher_layers=[], **PAIR)
 
 
-def test_fsp_channel_mismatch_fails_at_setup_naming_layers_and_widths():
-    module = FSP(student="resnet8", teacher="resnet8x4", num_classes=10)
+def test_fsp_channel_mismatch_fails_at_construction_naming_layers_and_widths():
     with pytest.raises(ValueError) as error:
-        module.setup("fit")
+        FSP(student="resnet8", teacher="resnet8x4", num_classes=10)
     message = str(error.value)
     assert "student 'layer1' has 16, teacher 'layer1' has 64" in message
     assert "student 'layer3' has 64, teacher 'layer3' has 256" in message
@@ -191,7 +190,7 @@ def test_unknown_layer_fails_at_setup():
         (AT, {"temperature": 0.0}, "temperature must lie in (0.0"),
         (FSP, {"fsp_weight": 0.0}, "fsp_weight must lie in (0.0"),
         (FSP, {"stage1_epochs": -1}, "stage1_epochs must lie in [0"),
-        (FSP, {"schedule": "both"}, "schedule must be 'two_stage' or 'joint', got 'both'"),
+        (FSP, {"schedule": "both"}, "schedule must be one of 'two_stage', 'joint'; got 'both'"),
         (FSP, {"ce_weight": 0.0}, "ce_weight or kd_weight must be > 0"),
         (FSP, {"student_layers": ["layer3"], "teacher_layers": ["layer3"]}, "needs at least two"),
     ],

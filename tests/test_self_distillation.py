@@ -171,7 +171,7 @@ def test_byot_heads_fit_any_backbone(student, halvings, width):
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     step = module.forward_step(x, y)
     exits = len(halvings) + 1
-    assert step.exit_logits.shape == (exits, 2, 10) and step.exit_features.shape == (exits, 2, width)
+    assert step.outputs["exit_logits"].shape == (exits, 2, 10) and step.outputs["exit_features"].shape == (exits, 2, width)
     assert all(torch.isfinite(term) for term in module.loss_terms(step.float()).values())
 
     module.eval()
@@ -216,7 +216,7 @@ def test_byot_fit_logs_every_exit_and_exports_an_early_one(tiny_cifar100, tmp_pa
 def test_dml_peers_of_different_architectures_share_one_optimizer():
     module = DML(student="resnet8", peers=["wrn_16_1"], num_classes=10)
     step = module.forward_step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
-    assert step.peer_logits.shape == (2, 2, 10)
+    assert step.outputs["peer_logits"].shape == (2, 2, 10)
     assert set(module.loss_terms(step.float())) == {"ce_peer_0", "kl_peer_0", "ce_peer_1", "kl_peer_1"}
     optimized = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters()}

@@ -1,15 +1,17 @@
 """The base every method stands on."""
 from lightning_kd.core.checkpointing import AtomicCheckpointIO, RunCheckpoint, write_atomically
-from lightning_kd.core.features import FeatureHooks, resolve_modules
+from lightning_kd.core.checks import check_choice, check_layer_pairs, check_range
+from lightning_kd.core.features import FeatureHooks, evaluation_mode, layer_shapes, resolve_modules
 from lightning_kd.core.module import (
     DistillationModule,
     NonFiniteLossError,
     Step,
     build_network,
-    check_range,
     cifar_multistep,
     cifar_sgd,
+    split_batch,
 )
+from lightning_kd.core.stages import Stage
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     FlopsPerImage,
@@ -21,6 +23,7 @@ from lightning_kd.core.teacher import (
     forward_flops,
     freeze,
     load_checkpoint_file,
+    build_teacher,
     load_weights,
     read_state_dict,
     restrict_classifier,
@@ -35,21 +38,28 @@ __all__ = [
     "NonFiniteLossError",
     "QueryBudgetExceeded",
     "RunCheckpoint",
+    "Stage",
     "Step",
     "TeacherCost",
     "TeacherSource",
     "build_network",
+    "build_teacher",
+    "check_choice",
+    "check_layer_pairs",
     "check_range",
     "classifier",
     "cifar_multistep",
     "cifar_sgd",
+    "evaluation_mode",
     "file_sha256",
     "forward_flops",
     "freeze",
+    "layer_shapes",
     "load_checkpoint_file",
     "load_weights",
     "read_state_dict",
     "resolve_modules",
     "restrict_classifier",
+    "split_batch",
     "write_atomically",
 ]

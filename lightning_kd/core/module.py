@@ -2,13 +2,17 @@
 
 One training step (see ARCHITECTURE.md)::
 
-    student(x)                       # outputs of the declared student layers captured by hooks
-    teacher(x) under torch.no_grad   # only when the method has a teacher; always in eval mode
+    batch = (x, y) or (x, y, fields)   # fields: per-sample tensors the method asked for (sample_fields)
+    student(x)                         # outputs of the declared student layers captured by hooks
+    teacher(x) under torch.no_grad     # when the method has a teacher and the stage runs it; always in eval mode
+    forward_step -> Step               # a method adds its own outputs to step.outputs
     loss_terms(step) -> {name: weighted scalar}, computed in float32 even under mixed precision
     loss = sum(terms); log train/loss and train/loss_<name>; backward
 
-A new method is a subclass that sets ``student_layers`` / ``teacher_layers`` (module paths) if it
-needs features and implements :meth:`DistillationModule.loss_terms`.
+A new method is a subclass that implements :meth:`DistillationModule.loss_terms`; it may set
+``student_layers`` / ``teacher_layers`` (module paths) in ``__init__``, build heads it owns there (sized with
+:func:`~lightning_kd.core.features.layer_shapes`), declare ``sample_fields`` (e.g. ``("index",)``) and
+:meth:`~DistillationModule.training_stages`.
 """
 from __future__ import annotations
 
@@ -28,14 +32,15 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
+from lightning_kd.core.stages import Stage, check_stages, stage_index
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     TeacherCost,
     TeacherSource,
-    freeze,
-    load_weights,
-    restrict_classifier,
+    build_teacher,
+    check_teacher_arguments,
 )
 from lightning_kd.models import get_model
 
@@ -75,14 +80,6 @@ def _set_rng_states(states: dict) -> None:
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(states["python"])
-
-
-def check_range(name: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False) -> None:
-    """Raise one clear ``ValueError`` when a hyper-parameter lies outside its range."""
-    below = value <= low if low_open else value < low
-    if below or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
 
 
 def accuracy_metrics(num_classes: int, prefix: str, postfix: str = "") -> MetricCollection:
@@ -146,9 +143,35 @@ def check_finite_weights(module: nn.Module, step: int) -> None:
             )
 
 
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch ``(x, y)`` or ``(x, y, fields)`` as ``(x, y, fields)``; anything else is one clear error."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        fields = batch[2] if len(batch) == 3 else {}
+        if isinstance(fields, dict):
+            return batch[0], batch[1], fields
+    raise ValueError(
+        "A batch must be (inputs, targets) or (inputs, targets, {field name: per-sample tensor}), got "
+        f"{type(batch).__name__} of {len(batch) if isinstance(batch, (tuple, list)) else 1} item(s)"
+    )
+
+
 @dataclasses.dataclass
 class Step:
-    """Everything one forward step produced, handed to :meth:`DistillationModule.loss_terms`."""
+    """Everything one training step produced, handed to :meth:`DistillationModule.loss_terms`.
+
+    Attributes:
+        inputs: the images as the student saw them, float ``(B, C, H, W)``.
+        targets: class indices, int64 ``(B,)``.
+        student_logits: float ``(B, K)``.
+        teacher_logits: float ``(B, K)``; ``None`` where the step ran no teacher (no teacher, or a stage or
+            phase without it, see :meth:`DistillationModule.needs_teacher_forward`).
+        student_features: outputs of the layers in ``student_layers``, by module path (e.g. ``(B, C, H, W)``).
+        teacher_features: the same for ``teacher_layers``.
+        fields: the per-sample fields the method asked for in ``sample_fields``, by name; ``index`` is the
+            sample's position in the training set, int64 ``(B,)`` (``0 <= index < num_samples``).
+        outputs: further named outputs a method's :meth:`DistillationModule.forward_step` adds to the step
+            (BYOT's exits, DML's peers, CS-KD's partners), e.g. ``step.outputs["peer_logits"]``.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -156,6 +179,8 @@ class Step:
     teacher_logits: Optional[torch.Tensor] = None
     student_features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def float(self) -> "Step":
         """A copy with every floating tensor in float32 (losses are computed in full precision)."""
@@ -174,8 +199,10 @@ class DistillationModule(pl.LightningModule):
     """Base of every method: a student, an optional frozen teacher, metrics, logging and optimisation.
 
     Subclasses implement :meth:`loss_terms` and may set ``student_layers`` / ``teacher_layers`` (module
-    paths whose outputs they need) in their ``__init__``. Set ``needs_teacher = True`` on the class when the
-    method cannot run without a teacher, ``False`` when it must not have one.
+    paths whose outputs they need) in their ``__init__``. Class attributes: ``needs_teacher = True`` when the
+    method cannot run without a teacher, ``False`` when it must not have one; ``sample_fields``, the per-sample
+    fields every training batch must carry (``("index",)`` for a memory bank indexed by sample: the library's
+    data modules serve it, see :attr:`Step.fields`).
 
     Args:
         student: the network being trained: a model name (CIFAR zoo, e.g. ``resnet8``, or torchvision,
@@ -191,6 +218,9 @@ class DistillationModule(pl.LightningModule):
             ``data.imagenet_class_indices``. The teacher's classifier is restricted to those rows
             (:func:`~lightning_kd.core.teacher.restrict_classifier`), not retrained; a ``teacher_ckpt``
             that already has ``num_classes`` outputs is used as it is.
+        num_samples: number of training samples; linked from ``data.num_train_samples`` by the CLI (``None``
+            where the data module does not tell). Methods that keep something per sample (CRD's memory bank)
+            size it with this.
         optimizer: builds the optimizer from the trainable parameters (default: SGD 0.05, momentum 0.9, wd 5e-4).
         lr_scheduler: builds the scheduler from the optimizer (default: ×0.1 at epochs 150/180/210).
         channels_last: keep every 4-D weight (and so the activations) in ``torch.channels_last`` memory
@@ -200,6 +230,7 @@ class DistillationModule(pl.LightningModule):
     """
 
     needs_teacher: Optional[bool] = None
+    sample_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -209,6 +240,7 @@ class DistillationModule(pl.LightningModule):
         teacher_ckpt: Optional[str] = None,
         teacher_weights: Optional[str] = None,
         teacher_classes: Optional[list[int]] = None,
+        num_samples: Optional[int] = None,
         optimizer: OptimizerCallable = cifar_sgd,
         lr_scheduler: LRSchedulerCallable = cifar_multistep,
         channels_last: bool = False,
@@ -218,38 +250,21 @@ class DistillationModule(pl.LightningModule):
         modules = {"student": student, "teacher": teacher}
         self.save_hyperparameters(ignore=[k for k, v in modules.items() if isinstance(v, nn.Module)])
         check_range("num_classes", num_classes, 2)
+        if num_samples is not None:
+            check_range("num_samples", num_samples, 1)
+        check_teacher_arguments(
+            type(self).__name__, self.needs_teacher, teacher, teacher_ckpt, teacher_weights, teacher_classes, num_classes
+        )
         self.num_classes = num_classes
-        name = type(self).__name__
-        if self.needs_teacher and teacher is None:
-            raise ValueError(f"{name} needs a teacher: set model.teacher (an architecture) and model.teacher_ckpt")
-        if self.needs_teacher is False and (teacher is not None or teacher_ckpt is not None):
-            raise ValueError(f"{name} trains without a teacher: remove model.teacher / model.teacher_ckpt")
-        if teacher_ckpt is not None and teacher is None:
-            raise ValueError("model.teacher_ckpt is set but model.teacher (its architecture) is not")
-        if teacher_weights is not None and not isinstance(teacher, str):
-            raise ValueError("model.teacher_weights is set: model.teacher must name a torchvision model, e.g. resnet34")
-        if teacher_weights is not None and teacher_ckpt is not None:
-            raise ValueError("set model.teacher_weights (torchvision weights) or model.teacher_ckpt, not both")
-        if teacher is not None and teacher_classes is not None and len(teacher_classes) != num_classes:
-            raise ValueError(
-                f"model.teacher_classes names {len(teacher_classes)} teacher outputs but the data has "
-                f"{num_classes} classes"
-            )
-
+        self.num_samples = num_samples
         self.student = build_network(student, num_classes)
         self.teacher: Optional[nn.Module] = None
         # The file the teacher's weights came from; a checkpoint of this module records it and holds the weights.
         self.teacher_source: Optional[TeacherSource] = None
         if teacher is not None:
-            if teacher_weights is not None:
-                network = get_model(teacher, weights=teacher_weights)  # the weights' classes: 1000 on ImageNet
-                if teacher_classes is not None:
-                    restrict_classifier(network, teacher_classes)
-            else:
-                network = build_network(teacher, num_classes)
-                if teacher_ckpt is not None:
-                    self.teacher_source = load_weights(network, teacher_ckpt, classes=teacher_classes)
-            self.teacher = freeze(network)
+            self.teacher, self.teacher_source = build_teacher(
+                teacher, num_classes, teacher_ckpt, teacher_weights, teacher_classes
+            )
         # Images sent through the teacher in training and their FLOPs, logged every epoch (teacher/*).
         self.teacher_cost: Optional[TeacherCost] = TeacherCost(self.teacher) if self.teacher is not None else None
         self.optimizer_factory = optimizer
@@ -271,6 +286,8 @@ class DistillationModule(pl.LightningModule):
         self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
         self._compiled = False
         self.non_finite = NonFiniteWatch()
+        self._stages: Optional[list[Stage]] = None
+        self._optimizer_stage: Optional[int] = None  # the stage whose optimizer and scheduler are in use
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -281,8 +298,74 @@ class DistillationModule(pl.LightningModule):
 
     # --- what a method implements ---------------------------------------------------------------
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        """Named, already weighted scalar loss terms of one training step; the base sums and logs them."""
+        """The method's objective for one training step, as named, already weighted scalar terms.
+
+        The base sums them into ``train/loss``, logs each as ``train/loss_<name>`` and checks them for non-finite
+        values. Runs in float32 (``step`` is cast) with autocast off.
+
+        Args:
+            step: what the step produced (:class:`Step`): logits, the declared layers' features, the per-sample
+                ``fields`` and any ``outputs`` :meth:`forward_step` added.
+
+        Returns:
+            ``{name: scalar tensor}``; names may change between stages.
+
+        Example::
+
+            def loss_terms(self, step):
+                return {
+                    "ce": (1 - self.alpha) * F.cross_entropy(step.student_logits, step.targets),
+                    "kd": self.alpha * kd_loss(step.student_logits, step.teacher_logits, self.temperature),
+                }
+        """
         raise NotImplementedError
+
+    def training_stages(self) -> list[Stage]:
+        """The method's training stages in order; the base builds a fresh optimizer and scheduler at each boundary.
+
+        Returns:
+            a list of :class:`~lightning_kd.core.stages.Stage`; default: one stage ``main`` for the whole run.
+
+        Example (FitNets: the regressor and the student's body learn the hint alone for 30 epochs at the
+        optimizer's constant learning rate, then KD with the full schedule from its start)::
+
+            def training_stages(self):
+                return [Stage("hint", epochs=30, constant_lr=True), Stage("distill")]
+        """
+        return [Stage("main")]
+
+    @property
+    def stage(self) -> Stage:
+        """The stage that trains the current epoch (the first one outside a fit)."""
+        stages = self._stage_list()
+        return stages[stage_index(stages, self.current_epoch)]
+
+    def trainable_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        """The parameters the optimizer of ``stage`` trains.
+
+        Args:
+            stage: the stage whose optimizer is being built (see :meth:`training_stages`).
+
+        Returns:
+            default: every parameter that requires a gradient, but the teacher's: the student's and those of any
+            head the method owns.
+
+        Example (FT: the paraphraser alone learns in its pre-training stage, and is fixed afterwards)::
+
+            def trainable_parameters(self, stage):
+                if stage.name == "paraphrase":
+                    return list(self.paraphraser.parameters())
+                return [p for n, p in self.named_parameters() if not n.startswith(("teacher.", "paraphraser."))]
+        """
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
+
+    def _stage_list(self) -> list[Stage]:
+        """:meth:`training_stages`, checked once."""
+        if self._stages is None:
+            stages = list(self.training_stages())
+            check_stages(stages)
+            self._stages = stages
+        return self._stages
 
     def score_outputs(self, names: Sequence[str]) -> None:
         """Declare outputs besides the main one (BYOT's exits, DML's peers) that :meth:`evaluation_logits`
@@ -299,6 +382,12 @@ class DistillationModule(pl.LightningModule):
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        """Register the feature hooks, ask the data module for the ``sample_fields``, apply ``channels_last`` and
+        ``compile``. Overrides must call ``super()``."""
+        self._optimizer_stage = None
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if self.sample_fields and stage == "fit" and hasattr(datamodule, "serve_fields"):
+            datamodule.serve_fields(self.sample_fields)
         if self._student_hooks is None and self.student_layers:
             self._student_hooks = FeatureHooks(self.student, self.student_layers, "student")
         if self._teacher_hooks is None and self.teacher_layers:
@@ -321,16 +410,23 @@ class DistillationModule(pl.LightningModule):
         return self
 
     def configure_optimizers(self):
-        """Optimise everything but the teacher: the student and any module the method owns."""
-        params = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
-        optimizer = self.optimizer_factory(params)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+        """Optimise everything but the teacher (the student and any module the method owns) with the optimizer and
+        scheduler of the current stage (:meth:`training_stages`)."""
+        if self._optimizer_stage is None:
+            self._optimizer_stage = stage_index(self._stage_list(), self.current_epoch)
+        stage = self._stage_list()[self._optimizer_stage]
+        optimizer = (stage.optimizer or self.optimizer_factory)(self.trainable_parameters(stage))
+        if stage.constant_lr:
+            return optimizer
+        scheduler = (stage.lr_scheduler or self.lr_scheduler_factory)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             self.stop_if_non_finite()  # never save a model trained on a non-finite loss ...
             check_finite_weights(self, self.global_step)  # ... or holding non-finite weights
         checkpoint["input_shape"] = self.input_shape
+        checkpoint["stage_index"] = self._optimizer_stage
         if self.teacher_source is not None:
             checkpoint["teacher_source"] = dataclasses.asdict(self.teacher_source)
         # Lightning does not save the global random states; with them a resumed run's random draws (dropout, a
@@ -341,6 +437,13 @@ class DistillationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.input_shape = checkpoint.get("input_shape")
+        self._optimizer_stage = checkpoint.get("stage_index") or 0  # its optimizer state is the one saved
+        recorded = checkpoint.get("hyper_parameters", {}).get("num_samples")
+        if self.sample_fields and None not in (recorded, self.num_samples) and recorded != self.num_samples:
+            raise ValueError(
+                f"{type(self).__name__} keeps state per training sample: the checkpoint was trained on {recorded} "
+                f"samples, this run's data has {self.num_samples}. Use the checkpoint's data, or start a new run."
+            )
         self._adopt_teacher_source(checkpoint.get("teacher_source"))
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
@@ -384,8 +487,19 @@ class DistillationModule(pl.LightningModule):
             )
 
     def needs_teacher_forward(self) -> bool:
-        """Whether this training step runs the teacher; a method with teacher-free phases returns False there."""
-        return True
+        """Whether this training step runs the teacher.
+
+        Returns:
+            default: the current stage's ``teacher`` flag (``True`` unless a :class:`Stage` says otherwise). A
+            method with teacher-free phases inside a stage returns ``False`` there; ``step.teacher_logits`` and
+            ``step.teacher_features`` are then empty.
+
+        Example (UNIX-style: the teacher runs on every other step)::
+
+            def needs_teacher_forward(self):
+                return self.global_step % 2 == 0
+        """
+        return self.stage.teacher
 
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits under ``torch.no_grad`` (not ``inference_mode``: losses save them for backward).
@@ -402,11 +516,29 @@ class DistillationModule(pl.LightningModule):
         self._check_classes(logits, "teacher")
         return logits
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> Step:
-        """Run the student (and teacher, if any) once, collecting the declared layers' outputs."""
+    def forward_step(
+        self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict[str, torch.Tensor]] = None
+    ) -> Step:
+        """Run the student (and the teacher, when :meth:`needs_teacher_forward`) once, collecting the declared
+        layers' outputs.
+
+        Args:
+            x: the batch's inputs; y: its targets; fields: its per-sample fields (see :attr:`Step.fields`).
+
+        Returns:
+            the :class:`Step` handed to :meth:`loss_terms`. An override calls ``super()`` and adds its own
+            outputs to the step it returns, keeping what the base put there.
+
+        Example (DML: the other peers' logits)::
+
+            def forward_step(self, x, y, fields=None):
+                step = super().forward_step(x, y, fields)
+                step.outputs["peer_logits"] = torch.stack([peer(x) for peer in self.peers])
+                return step
+        """
         student_logits = self.student(x)
         self._check_classes(student_logits, "student")
-        step = Step(x, y, student_logits)
+        step = Step(x, y, student_logits, fields=dict(fields or {}))
         if self._student_hooks is not None:
             step.student_features = self._student_hooks.pop()
         if self.teacher is not None and self.needs_teacher_forward():
@@ -425,9 +557,15 @@ class DistillationModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, fields = split_batch(batch)
+        missing = [name for name in self.sample_fields if name not in fields]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} needs the per-sample field(s) {missing} in every training batch, (x, y, "
+                "{name: tensor}): lightning_kd's data modules serve them (serve_fields); other data must return them"
+            )
         self.input_shape = tuple(x.shape[1:])
-        step = self.forward_step(x, y)
+        step = self.forward_step(x, y, fields)
         with torch.autocast(device_type=self.device.type, enabled=False):
             terms = self.loss_terms(step.float())
         loss = self.log_loss_terms(terms, batch_size=x.shape[0])
@@ -450,6 +588,12 @@ class DistillationModule(pl.LightningModule):
             )
 
     def on_train_epoch_start(self) -> None:
+        """At a stage boundary, build the new stage's optimizer and scheduler; log ``train/lr``. Overrides must
+        call ``super()``."""
+        wanted = stage_index(self._stage_list(), self.current_epoch)
+        if self._optimizer_stage is not None and wanted != self._optimizer_stage:
+            self._optimizer_stage = wanted
+            self.trainer.strategy.setup_optimizers(self.trainer)
         if self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
@@ -470,7 +614,7 @@ class DistillationModule(pl.LightningModule):
             self.log(name, float(value), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
 
     def _evaluate(self, batch, metrics: MetricCollection, teacher_metrics: Optional[MetricCollection], prefix: str):
-        x, y = batch
+        x, y, _ = split_batch(batch)
         logits, named_logits = self.evaluation_logits(x)
         self._check_classes(logits, "student")
         metrics.update(logits, y)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_kd.models import get_model
+
 
 def load_checkpoint_file(path: str, what: str = "Checkpoint", **kwargs) -> Any:
     """``torch.load(path)`` on the CPU; a missing, truncated or corrupt file raises one error naming it."""
@@ -178,6 +180,58 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     model.requires_grad_(False)
     return model.eval()
+
+
+def check_teacher_arguments(
+    method: str,
+    needs_teacher: Optional[bool],
+    teacher: Any,
+    teacher_ckpt: Optional[str],
+    teacher_weights: Optional[str],
+    teacher_classes: Optional[Sequence[int]],
+    num_classes: int,
+) -> None:
+    """Raise one clear ``ValueError`` for a teacher specification ``method`` cannot use."""
+    if needs_teacher and teacher is None:
+        raise ValueError(f"{method} needs a teacher: set model.teacher (an architecture) and model.teacher_ckpt")
+    if needs_teacher is False and (teacher is not None or teacher_ckpt is not None):
+        raise ValueError(f"{method} trains without a teacher: remove model.teacher / model.teacher_ckpt")
+    if teacher_ckpt is not None and teacher is None:
+        raise ValueError("model.teacher_ckpt is set but model.teacher (its architecture) is not")
+    if teacher_weights is not None and not isinstance(teacher, str):
+        raise ValueError("model.teacher_weights is set: model.teacher must name a torchvision model, e.g. resnet34")
+    if teacher_weights is not None and teacher_ckpt is not None:
+        raise ValueError("set model.teacher_weights (torchvision weights) or model.teacher_ckpt, not both")
+    if teacher is not None and teacher_classes is not None and len(teacher_classes) != num_classes:
+        raise ValueError(
+            f"model.teacher_classes names {len(teacher_classes)} teacher outputs but the data has "
+            f"{num_classes} classes"
+        )
+
+
+def build_teacher(
+    teacher: Union[str, nn.Module],
+    num_classes: int,
+    teacher_ckpt: Optional[str] = None,
+    teacher_weights: Optional[str] = None,
+    teacher_classes: Optional[Sequence[int]] = None,
+) -> tuple[nn.Module, Optional[TeacherSource]]:
+    """The frozen teacher and the file its weights came from (``None`` for torchvision weights or none).
+
+    ``teacher`` is a model name (CIFAR zoo or torchvision) or a module; ``teacher_weights`` loads torchvision's
+    pretrained weights (the weights' classes, restricted to ``teacher_classes`` when given); ``teacher_ckpt``
+    any file :func:`load_weights` reads.
+    """
+    source = None
+    if teacher_weights is not None:
+        network = get_model(teacher, weights=teacher_weights)  # the weights' classes: 1000 on ImageNet
+        if teacher_classes is not None:
+            restrict_classifier(network, teacher_classes)
+    else:
+        network = get_model(teacher, num_classes=num_classes) if isinstance(teacher, str) else teacher
+        if teacher_ckpt is not None:
+            source = load_weights(network, teacher_ckpt, classes=teacher_classes)
+    return freeze(network), source
 
 
 class QueryBudgetExceeded(RuntimeError):

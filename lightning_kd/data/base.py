@@ -49,6 +49,13 @@ def read_image(path: str) -> Any:
         raise OSError(f"cannot read the image {path}: {error}") from None
 
 
+def _carried_fields(dataset: Dataset) -> tuple[str, ...]:
+    """The names in the dict of per-sample values that the items of ``dataset`` carry after their target (read from
+    its first item); none for ``(image, target)`` items."""
+    _image, _target, *carried = dataset[0]
+    return tuple(carried[0]) if carried else ()
+
+
 class TransformedSubset(Dataset):
     """A (sub)set of a dataset of ``(image, target)`` pairs with a transform on the image.
 
@@ -57,10 +64,14 @@ class TransformedSubset(Dataset):
     ``(epoch, position)`` the training loaders pass (:class:`~lightning_kd.data.samplers.ResumableLoader`).
 
     Args:
-        dataset: dataset returning ``(image, target)`` with an untransformed image.
+        dataset: dataset returning ``(image, target)`` with an untransformed image, or ``(image, target, values)``
+            with a dict of per-sample values (numbers or tensors) after the target.
         indices: the indices of ``dataset`` to expose; ``None`` for all of them.
         transform: applied to the image; a :class:`~lightning_kd.data.augment.KeyedTransform` is also given the
             epoch and the sample's index in ``dataset``, from which it draws its augmentation.
+        fields: the per-sample fields of every item, as a dict after the target: ``"index"``, the item's position in
+            this (sub)set, or the name of a value the items of ``dataset`` carry; none (the default): items are
+            ``(image, target)``.
     """
 
     def __init__(
@@ -68,24 +79,28 @@ class TransformedSubset(Dataset):
         dataset: Dataset,
         indices: Optional[Sequence[int]] = None,
         transform: Optional[Callable[[Any], Any]] = None,
+        fields: Sequence[str] = (),
     ) -> None:
         self.dataset = dataset
         self.indices = None if indices is None else [int(i) for i in indices]
         self.transform = transform
+        self.fields = tuple(fields)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[Any, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        if self.indices is not None:
-            index = self.indices[index]
-        image, target = self.dataset[index]
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[Any, ...]:
+        epoch, position = key if isinstance(key, tuple) else (0, key)
+        index = position if self.indices is None else self.indices[position]
+        image, target, *carried = self.dataset[index]
         if isinstance(self.transform, KeyedTransform):
             image = self.transform(image, epoch, index)
         elif self.transform is not None:
             image = self.transform(image)
-        return image, target
+        if not self.fields:
+            return image, target
+        values = carried[0] if carried else {}
+        return image, target, {name: position if name == "index" else values[name] for name in self.fields}
 
     @property
     def targets(self) -> list[int]:
@@ -104,7 +119,8 @@ class ClassificationDataModule(pl.LightningDataModule):
     A subclass provides :attr:`num_classes` (valid right after ``__init__``), loads its
     untransformed splits in :meth:`_load_splits` and defines :meth:`train_transform` (or :meth:`batch_transform`)
     and :meth:`eval_transform`. This class handles the validation hold-out, the
-    reproducible training shuffle and the dataloaders.
+    reproducible training shuffle and the dataloaders. The training batches may carry per-sample fields, such as
+    each sample's index, for the methods that ask (:meth:`serve_fields`).
 
     A run means one thing: the shuffle of epoch ``e`` is a function of ``(seed, e)`` and a training sample's
     augmentation a function of ``(seed, e, sample index)`` (:mod:`lightning_kd.data.augment`), whatever the number of
@@ -169,6 +185,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.paired_batches = bool(paired_batches)
         self.tensor_resident = None if tensor_resident is None else bool(tensor_resident)
         self._batch_transform: Optional[CropFlipNormalize] = None  # set by setup() for tensor-resident splits
+        self._served_fields: tuple[str, ...] = ()  # the training batches' per-sample fields (serve_fields)
 
         self._class_names: Optional[list[str]] = None
         self.train_dataset: Optional[Dataset] = None
@@ -234,7 +251,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self._decodes_to_tensors(train, test):
             decode = self.decode_transform()
             train, test = (
-                TensorImageDataset.decode(TransformedSubset(split, None, decode), self.num_workers)
+                TensorImageDataset.decode(
+                    TransformedSubset(split, None, decode, _carried_fields(split)), self.num_workers
+                )
                 for split in (train, test)
             )
             self._batch_transform = self.batch_transform()
@@ -250,13 +269,61 @@ class ClassificationDataModule(pl.LightningDataModule):
                 )
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
             val_idx, train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
-            self.train_dataset = TransformedSubset(train, train_idx, train_tf)
+            self.train_dataset = TransformedSubset(train, train_idx, train_tf, self._served_fields)
             self.val_dataset = TransformedSubset(train, val_idx, eval_tf)
         else:
-            self.train_dataset = TransformedSubset(train, None, train_tf)
+            self.train_dataset = TransformedSubset(train, None, train_tf, self._served_fields)
             self.val_dataset = TransformedSubset(test, None, eval_tf)
         self.test_dataset = TransformedSubset(test, None, eval_tf)
         self._class_names = list(class_names)
+
+    @property
+    def num_train_samples(self) -> int:
+        """Number of training samples, after the ``val_split`` hold-out (the range of the ``"index"`` field); valid
+        right after ``__init__``: it sets the module up if it is not yet. The CLI links it to the model's
+        ``num_samples``."""
+        self.setup("fit")
+        return len(self.train_dataset)  # type: ignore[arg-type]
+
+    def serve_fields(self, names: Sequence[str]) -> None:
+        """Have every training batch carry these per-sample fields: ``(x, y, {name: tensor (B, ...)})`` instead of
+        ``(x, y)``, on either data path, for class-paired batches (all ``2B`` samples) and resumed epochs too.
+        Validation, test and predict batches stay ``(x, y)``.
+
+        A LightningModule asks in its ``setup`` (after the data module's, before ``train_dataloader``). Requests add
+        up, hold for the training loaders made after them and survive the module being set up again.
+
+        Args:
+            names: ``"index"``, the sample's position in :attr:`train_dataset` (``0 <= index <``
+                :attr:`num_train_samples`, int64), e.g. for a memory bank of the training set; or the name of a value
+                the loaded training split's items carry in a dict after their target (``(image, target, {name:
+                value})``, a number or a tensor of one shape), which sets the module up if it is not yet.
+
+        Raises:
+            ValueError: a name this module cannot serve; the message lists those it can.
+
+        Example::
+
+            data = CIFAR100DataModule(batch_size=64, tensor_resident=False)
+            data.setup("fit")
+            data.serve_fields(["index"])
+            x, y, fields = next(iter(data.train_dataloader()))
+            fields["index"]  # int64, shape (64,): positions in data.train_dataset
+        """
+        names = [names] if isinstance(names, str) else list(names)
+        if any(name != "index" for name in names):
+            servable = self._servable_fields()
+            unknown = [name for name in names if name not in servable]
+            if unknown:
+                raise ValueError(f"{type(self).__name__} cannot serve the field(s) {unknown}: it serves {servable}")
+        self._served_fields = tuple(dict.fromkeys((*self._served_fields, *names)))
+        if self.train_dataset is not None:
+            self.train_dataset.fields = self._served_fields  # type: ignore[attr-defined]
+
+    def _servable_fields(self) -> list[str]:
+        """``"index"`` and the values the loaded training split's items carry (setting the module up)."""
+        self.setup("fit")
+        return ["index", *_carried_fields(self.train_dataset.dataset)]  # type: ignore[union-attr]
 
     def _decodes_to_tensors(self, train: Dataset, test: Dataset) -> bool:
         """Whether :meth:`setup` keeps the splits as uint8 tensors (resolving ``tensor_resident=None``)."""
@@ -298,22 +365,23 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._batch_transform = None
 
     def _look_up(self, batch: Any) -> Any:
-        """A tensor-resident training batch, draw records ``(index, top, left, flip)``, as ``((images, draws),
-        targets)`` with the images read from the training split (on the host); any other batch as it is."""
-        records, targets = batch
+        """A tensor-resident training batch, draw records ``(index, top, left, flip)``, targets (and the served
+        fields), as ``((images, draws), targets, ...)`` with the images read from the training split (on the host);
+        any other batch as it is."""
+        records, targets, *fields = batch
         if self._batch_transform is None or not (torch.is_tensor(records) and records.dtype == torch.int64):
             return batch
         images = self.train_dataset.dataset.images[records[:, 0].cpu()].to(records.device)  # type: ignore[union-attr]
-        return (images, records[:, 1:]), targets
+        return ((images, records[:, 1:]), targets, *fields)
 
     def transform_batch(self, batch: Any, augment: bool) -> Any:
         """Finish a batch on its device: a tensor-resident batch is augmented (if ``augment``, with the draws its
-        records carry) and normalised, any other is returned as it is."""
+        records carry) and normalised, its targets and fields kept; any other is returned as it is."""
         if self._batch_transform is None:
             return batch
-        x, targets = self._look_up(batch)
+        x, targets, *fields = self._look_up(batch)
         images, draws = x if isinstance(x, tuple) else (x, None)
-        return self._batch_transform(images, augment, draws), targets
+        return (self._batch_transform(images, augment, draws), targets, *fields)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self._look_up(batch)

@@ -10,6 +10,7 @@ labelled so far. The set grows through Lightning's normal data reloading: with
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -79,7 +80,8 @@ class QueryPoolDataModule(ClassificationDataModule):
     The pool holds ``pool_size`` training images (chosen by ``seed``) in ``source``'s evaluation transform;
     their labels are never read. A method adds labelled mixes with :meth:`add`; :meth:`train_dataloader`
     serves them (random crop and flip on top when ``augment``), batched like ``source``. Validation and test
-    are ``source``'s. The labelled set is saved in checkpoints and restored on resume.
+    are ``source``'s. The labelled set is saved in checkpoints and restored on resume. As that set grows, its
+    training batches carry no per-sample fields (:meth:`serve_fields`).
 
     Args:
         source: the data module the pool comes from; its batch size, workers and evaluation splits are used.
@@ -118,6 +120,21 @@ class QueryPoolDataModule(ClassificationDataModule):
     @property
     def num_classes(self) -> int:
         return self.source.num_classes
+
+    @property
+    def num_train_samples(self) -> Optional[int]:  # type: ignore[override]
+        """``None``: the training set, the labelled mixes, has no fixed size (it grows with every :meth:`add`);
+        :attr:`labelled_count` is its size now."""
+        return None
+
+    def serve_fields(self, names: Sequence[str]) -> None:
+        """Refuses every field (an empty request is accepted): a sample's position in the growing labelled set is
+        no index into a set of fixed size, such as a memory bank needs."""
+        if names:
+            raise ValueError(
+                f"QueryPoolDataModule serves no per-sample fields, asked for {names!r}: its training set, the "
+                "labelled mixes, grows with every round of queries"
+            )
 
     def prepare_data(self) -> None:
         self.source.prepare_data()

@@ -27,30 +27,42 @@ __all__ = ["CropFlipNormalize", "DrawRecord", "PerSampleCropFlip", "TensorImageD
 
 
 class TensorImageDataset(Dataset):
-    """Items ``(images[i], targets[i])`` of a uint8 ``(N, C, H, W)`` image tensor and its class indices."""
+    """Items ``(images[i], targets[i])`` of a uint8 ``(N, C, H, W)`` image tensor and its class indices, followed by
+    ``{name: fields[name][i]}`` when per-sample ``fields`` (tensors of N rows) are given."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, fields: Optional[dict[str, torch.Tensor]] = None
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(targets):
             raise ValueError(
                 f"expected uint8 images (N, C, H, W) and N targets, got {images.dtype} {tuple(images.shape)} "
                 f"and {len(targets)} targets"
             )
+        uneven = [name for name, values in (fields or {}).items() if len(values) != len(images)]
+        if uneven:
+            raise ValueError(f"expected {len(images)} rows in every field, the fields {uneven} have other counts")
         self.images = images
         self.targets = targets
+        self.fields = fields
 
     @classmethod
     def decode(cls, dataset: Dataset, num_workers: int = 0, batch_size: int = 512) -> "TensorImageDataset":
-        """Decode every item of ``dataset`` (``(uint8 CHW tensor, target)`` pairs of one size), ``num_workers``
-        DataLoader workers in parallel."""
+        """Decode every item of ``dataset`` (``(uint8 CHW tensor, target)`` pairs of one size, or triples whose third
+        element, a dict of numbers or tensors, is kept as :attr:`fields`), ``num_workers`` DataLoader workers in
+        parallel."""
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        images, targets = zip(*loader)
-        return cls(torch.cat(images), torch.cat(targets))
+        images, targets, *fields = zip(*loader)
+        carried = {name: torch.cat([batch[name] for batch in fields[0]]) for name in fields[0][0]} if fields else None
+        return cls(torch.cat(images), torch.cat(targets), carried)
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        if self.fields is None:
+            return self.images[index], int(self.targets[index])
+        fields = {name: values[index] for name, values in self.fields.items()}
+        return self.images[index], int(self.targets[index]), fields
 
 
 def crop_flip_draws(seed: int, epoch: int, index: int, padding: int) -> tuple[int, int, int]:

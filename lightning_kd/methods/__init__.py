@@ -7,8 +7,10 @@ from lightning_kd.methods.cskd import CSKD, cskd_loss
 from lightning_kd.methods.dist import DIST, dist_loss, dist_terms, pearson_correlation
 from lightning_kd.methods.dkd import DKD, dkd_loss, dkd_terms
 from lightning_kd.methods.dml import DML, dml_loss
+from lightning_kd.methods.fitnet import ConvReg, FitNet, fitnet_loss
 from lightning_kd.methods.fsp import FSP, fsp_loss, fsp_matrix
-from lightning_kd.methods.kd import KD, FeatureDistillation, kd_loss
+from lightning_kd.methods.feature_distillation import FeatureDistillation
+from lightning_kd.methods.kd import KD, kd_loss
 from lightning_kd.methods.logit_standardization import LogitStandardization, logit_standardized_kd_loss, standardize
 from lightning_kd.methods.msd import MSD, msd_loss
 from lightning_kd.methods.sp import SP, similarity_matrix, sp_loss
@@ -30,6 +32,7 @@ __all__ = [
     "CSKD", "cskd_loss", "BYOT", "byot_loss", "MSD", "msd_loss", "DML", "dml_loss",
     "FeatureDistillation", "AT", "at_loss", "attention_energy", "SP", "similarity_matrix", "sp_loss",
     "FSP", "fsp_loss", "fsp_matrix",
+    "FitNet", "fitnet_loss", "ConvReg",
     "LabelSmoothing", "TfKDReg", "TfKDSelf", "label_smoothing_loss", "tfkd_reg_loss", "tfkd_self_loss", "virtual_teacher",
     "ActiveMixup", "least_confident_mixes", "soft_target_loss",
     "UNIXKD", "uncertainty", "unix_loss_terms", "unix_mix_weights",

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightning_kd.core import Step, check_range
 from lightning_kd.core.features import pool_to_smallest
-from lightning_kd.methods.kd import FeatureDistillation
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 
 
 def attention_energy(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -2,7 +2,6 @@
 Networks via Self Distillation" (BYOT, ICCV 2019, arXiv 1905.08094)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import Conv2dNormActivation
 
-from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range
+from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range, layer_shapes
 from lightning_kd.methods.kd import kd_loss
 from lightning_kd.models import stage_names
 
@@ -59,24 +58,6 @@ def byot_loss(
     kd = sum(kd_loss(logits, deepest_logits, temperature) for logits in exit_logits[:-1])
     hint = sum(feature_hint(features, deepest_feature) for features in exit_features[:-1])
     return {"ce": (1 - alpha) * ce, "kd": alpha * kd, "hint": feature_weight * hint}
-
-
-def probe_shapes(network: nn.Module, names: Sequence[str], image_size: int) -> dict[str, tuple[int, ...]]:
-    """Output shape (without the batch) of each named module that runs on one RGB ``image_size``² input.
-
-    The network runs once in eval mode without gradients (no BatchNorm statistic moves) and keeps its mode.
-    """
-    hooks = FeatureHooks(network, names, "student")
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.no_grad():
-            network(torch.zeros(1, 3, image_size, image_size))
-        outputs = hooks.pop()
-    finally:
-        hooks.remove()
-        network.train(was_training)
-    return {name: tuple(output.shape[1:]) for name, output in outputs.items() if torch.is_tensor(output)}
 
 
 class ExitHead(nn.Module):
@@ -154,14 +135,6 @@ class EarlyExit(nn.Module):
         return self.head(self.trunk(x)[self.stage])
 
 
-@dataclasses.dataclass
-class ExitStep(Step):
-    """A step of a multi-exit network: logits (C, B, K) and aligned features (C, B, D), the deepest last."""
-
-    exit_logits: Optional[torch.Tensor] = None
-    exit_features: Optional[torch.Tensor] = None
-
-
 class BYOT(DistillationModule):
     """Be Your Own Teacher: classifiers after the stages of one network, the deepest teaching the others.
 
@@ -208,11 +181,12 @@ class BYOT(DistillationModule):
         if len(self.stages) < 2:
             name = type(self).__name__
             raise ValueError(f"{name} needs at least 2 stages (an exit besides the last), got {self.stages}")
-        shapes = probe_shapes(self.student, self.stages, image_size)
+        shapes = layer_shapes(self.student, self.stages, image_size, "student")
         for stage in self.stages:
-            if len(shapes.get(stage, ())) != 3:
-                found = f"outputs shape {shapes[stage]}" if stage in shapes else "does not run in forward"
-                raise ValueError(f"Stage {stage!r} {found}: every stage must output a (B, C, H, W) feature map")
+            if len(shapes[stage]) != 3:
+                raise ValueError(
+                    f"Stage {stage!r} outputs shape {shapes[stage]}: every stage must output a (B, C, H, W) feature map"
+                )
         deepest = shapes[self.stages[-1]]
         self.heads = nn.ModuleList(ExitHead(shapes[stage], deepest, self.num_classes) for stage in self.stages[:-1])
         self.student_layers = list(self.stages)
@@ -230,14 +204,18 @@ class BYOT(DistillationModule):
         aligned.append(F.adaptive_avg_pool2d(features[self.stages[-1]], 1).flatten(1))
         return torch.stack(exit_logits), torch.stack(aligned)
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> ExitStep:
-        step = super().forward_step(x, y)
-        exit_logits, exit_features = self.exits(step.student_logits, step.student_features)
-        return ExitStep(x, y, step.student_logits, exit_logits=exit_logits, exit_features=exit_features)
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict] = None) -> Step:
+        """The base step, plus ``outputs["exit_logits"]`` (C, B, K) and ``outputs["exit_features"]`` (C, B, D)."""
+        step = super().forward_step(x, y, fields)
+        step.outputs["exit_logits"], step.outputs["exit_features"] = self.exits(
+            step.student_logits, step.student_features
+        )
+        return step
 
-    def loss_terms(self, step: ExitStep) -> dict[str, torch.Tensor]:
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return byot_loss(
-            step.exit_logits, step.exit_features, step.targets, self.alpha, self.temperature, self.feature_weight
+            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.alpha, self.temperature,
+            self.feature_weight,
         )
 
     def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -2,7 +2,6 @@
 CVPR 2020, arXiv 2003.13964)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -31,13 +30,6 @@ def check_paired(targets: torch.Tensor) -> None:
         )
 
 
-@dataclasses.dataclass
-class PairStep(Step):
-    """A CS-KD step: ``student_logits`` of the first half of the batch, ``pair_logits`` of their partners."""
-
-    pair_logits: Optional[torch.Tensor] = None
-
-
 class CSKD(DistillationModule):
     """Class-wise self-knowledge distillation: loss = CE(f(x), y) + λ·T²·KL(softmax(f(x')/T) ‖ softmax(f(x)/T)).
 
@@ -61,20 +53,21 @@ class CSKD(DistillationModule):
         self.temperature = temperature
         self.cls_weight = cls_weight
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> PairStep:
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict] = None) -> Step:
+        """The base step on the first half of the batch, plus ``outputs["pair_logits"]``: the partners' logits."""
         half = x.shape[0] // 2
-        step = super().forward_step(x[:half], y[:half])
+        step = super().forward_step(x[:half], y[:half], {name: value[:half] for name, value in (fields or {}).items()})
         with torch.no_grad():
-            pair_logits = self.student(x[half:])
-        return PairStep(step.inputs, step.targets, step.student_logits, pair_logits=pair_logits)
+            step.outputs["pair_logits"] = self.student(x[half:])
+        return step
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if batch_idx == 0:
             check_paired(batch[1])
         return super().training_step(batch, batch_idx)
 
-    def loss_terms(self, step: PairStep) -> dict[str, torch.Tensor]:
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return {
             "ce": F.cross_entropy(step.student_logits, step.targets),
-            "cls": self.cls_weight * cskd_loss(step.student_logits, step.pair_logits, self.temperature),
+            "cls": self.cls_weight * cskd_loss(step.student_logits, step.outputs["pair_logits"], self.temperature),
         }

@@ -1,7 +1,6 @@
 """Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning" (DML, CVPR 2018, arXiv 1706.00384)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -35,13 +34,6 @@ def dml_loss(peer_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
         for k in range(count)
     ]) / (count - 1)
     return ce, kl
-
-
-@dataclasses.dataclass
-class MutualStep(Step):
-    """A DML step: ``peer_logits`` (K, B, C) of every peer, the student (peer 0) first."""
-
-    peer_logits: Optional[torch.Tensor] = None
 
 
 class DML(DistillationModule):
@@ -83,12 +75,14 @@ class DML(DistillationModule):
             self._check_classes(logits[-1], name)
         return torch.stack(logits)
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> MutualStep:
-        step = super().forward_step(x, y)
-        return MutualStep(x, y, step.student_logits, peer_logits=self.all_peer_logits(x, step.student_logits))
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict] = None) -> Step:
+        """The base step, plus ``outputs["peer_logits"]`` (K, B, C), the student first."""
+        step = super().forward_step(x, y, fields)
+        step.outputs["peer_logits"] = self.all_peer_logits(x, step.student_logits)
+        return step
 
-    def loss_terms(self, step: MutualStep) -> dict[str, torch.Tensor]:
-        ce, kl = dml_loss(step.peer_logits, step.targets)
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        ce, kl = dml_loss(step.outputs["peer_logits"], step.targets)
         terms = {}
         for name, peer_ce, peer_kl in zip(self.peer_names, ce, kl):
             terms[f"ce_{name}"] = peer_ce

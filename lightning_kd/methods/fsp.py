@@ -6,16 +6,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
-from lightning_kd.core import Step, check_range
-from lightning_kd.core.features import FeatureHooks, pool_to_smallest
-from lightning_kd.methods.kd import FeatureDistillation
-
-#: Side of the dummy input that reads the layers' channel counts at set-up. Channel counts of conv nets do
-#: not depend on the input size, and 32 px passes through every CIFAR zoo and torchvision model.
-PROBE_SIZE = 32
-
+from lightning_kd.core import Stage, Step, check_choice, check_range
+from lightning_kd.core.features import pool_to_smallest
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The flow of solution procedure between two (B, C1, H, W) and (B, C2, H', W') maps, (B, C1, C2).
@@ -38,37 +32,16 @@ def fsp_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequenc
     )
 
 
-@torch.no_grad()
-def _output_shapes(network: nn.Module, hooks: FeatureHooks) -> dict[str, torch.Size]:
-    """Shapes of the hooked layers' outputs on a dummy input, run in eval mode (BatchNorm statistics stay)."""
-    conv = next((m for m in network.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError(f"FSP needs convolutional feature maps, but {type(network).__name__} has no Conv2d")
-    was_training = network.training
-    network.eval()
-    try:
-        network(torch.zeros(2, conv.in_channels, PROBE_SIZE, PROBE_SIZE, device=conv.weight.device))
-    finally:
-        network.train(was_training)
-    outputs = hooks.pop()
-    for name in hooks.names:
-        if name not in outputs:
-            raise ValueError(f"FSP layer {name!r} of {type(network).__name__} does not run in its forward pass")
-        if outputs[name].dim() != 4:
-            shape = tuple(outputs[name].shape)
-            raise ValueError(f"FSP needs (B, C, H, W) feature maps, but layer {name!r} outputs {shape}")
-    return {name: output.shape for name, output in outputs.items()}
-
-
 class FSP(FeatureDistillation):
     """FSP: match the FSP matrices of consecutive layers of student and teacher.
 
-    Schedules: ``two_stage`` (the paper's): the first ``stage1_epochs`` epochs minimise fsp_weight·FSP
-    alone (RepDistiller: 30, its lr schedule then restarts, so shift the milestones by as many
-    epochs), afterwards the task loss alone (CE, optionally + KD), with no teacher forward unless KD
-    needs it. ``joint``: task loss + fsp_weight·FSP at every step.
+    Schedules: ``two_stage`` (the paper's, as RepDistiller runs it): a stage ``fsp`` of ``stage1_epochs`` epochs
+    minimises fsp_weight·FSP alone with a fresh optimizer at its constant learning rate (RepDistiller's
+    ``init``: 30 epochs, SGD 0.05), then a stage ``task`` minimises the task loss alone (CE, optionally + KD)
+    with a fresh optimizer and the full schedule counted from its start, running the teacher only when KD needs
+    it. ``joint``: task loss + fsp_weight·FSP at every step, one stage.
 
-    Paired layers must have equal channel counts in student and teacher; a mismatch fails at set-up.
+    Paired layers must have equal channel counts in student and teacher; a mismatch fails at construction.
     Layers default to every stage end; RepDistiller also includes the stem's output (name it first in
     ``student_layers``/``teacher_layers``, e.g. ``relu`` of a CIFAR ResNet).
 
@@ -90,8 +63,7 @@ class FSP(FeatureDistillation):
         super().__init__(**kwargs)
         check_range("fsp_weight", fsp_weight, 0.0, low_open=True)
         check_range("stage1_epochs", stage1_epochs, 0)
-        if schedule not in ("two_stage", "joint"):
-            raise ValueError(f"schedule must be 'two_stage' or 'joint', got {schedule!r}")
+        check_choice("schedule", schedule, ("two_stage", "joint"))
         if len(self.student_layers) < 2:
             raise ValueError(f"FSP relates consecutive layers, so it needs at least two, got {self.student_layers}")
         if schedule == "two_stage" and self.ce_weight == 0 and self.kd_weight == 0:
@@ -99,16 +71,18 @@ class FSP(FeatureDistillation):
         self.fsp_weight = fsp_weight
         self.schedule = schedule
         self.stage1_epochs = stage1_epochs
+        self._check_maps()
 
-    def setup(self, stage: str) -> None:
-        """Register the hooks, then check the paired layers' channel counts on a dummy input."""
-        super().setup(stage)
-        student = _output_shapes(self.student, self._student_hooks)
-        teacher = _output_shapes(self.teacher, self._teacher_hooks)
+    def _check_maps(self) -> None:
+        """Paired layers must output (C, H, W) maps of equal channel counts."""
+        student, teacher = self.feature_shapes()
+        for name, shape in [*zip(self.student_layers, student), *zip(self.teacher_layers, teacher)]:
+            if len(shape) != 3:
+                raise ValueError(f"FSP needs (B, C, H, W) feature maps, but layer {name!r} outputs {shape}")
         mismatches = [
-            f"student {s!r} has {student[s][1]}, teacher {t!r} has {teacher[t][1]}"
-            for s, t in zip(self.student_layers, self.teacher_layers)
-            if student[s][1] != teacher[t][1]
+            f"student {s!r} has {s_shape[0]}, teacher {t!r} has {t_shape[0]}"
+            for s, t, s_shape, t_shape in zip(self.student_layers, self.teacher_layers, student, teacher)
+            if s_shape[0] != t_shape[0]
         ]
         if mismatches:
             raise ValueError(
@@ -117,19 +91,14 @@ class FSP(FeatureDistillation):
                 + ". Name layers of matching widths in model.student_layers / model.teacher_layers."
             )
 
-    @property
-    def in_first_stage(self) -> bool:
-        """Whether training is in the FSP-only first stage of the two-stage schedule."""
-        return self.schedule == "two_stage" and self.current_epoch < self.stage1_epochs
-
-    def needs_teacher_forward(self) -> bool:
-        return self.schedule == "joint" or self.in_first_stage or self.kd_weight > 0
+    def training_stages(self) -> list[Stage]:
+        if self.schedule == "joint":
+            return [Stage("main")]
+        return [Stage("fsp", epochs=self.stage1_epochs, constant_lr=True), Stage("task", teacher=self.kd_weight > 0)]
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        if self.schedule == "two_stage" and not self.in_first_stage:
+        if self.stage.name == "task":
             return self.task_terms(step)
-        fsp = self.fsp_weight * fsp_loss(
-            [step.student_features[name] for name in self.student_layers],
-            [step.teacher_features[name] for name in self.teacher_layers],
-        )
-        return {"fsp": fsp} if self.in_first_stage else {**self.task_terms(step), "fsp": fsp}
+        student, teacher = zip(*self.paired_features(step))
+        fsp = self.fsp_weight * fsp_loss(student, teacher)
+        return {"fsp": fsp} if self.stage.name == "fsp" else {**self.task_terms(step), "fsp": fsp}

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.methods.byot import BYOT, ExitStep, feature_hint, probe_shapes
+from lightning_kd.core import Step, layer_shapes
+from lightning_kd.methods.byot import BYOT, feature_hint
 from lightning_kd.methods.kd import kd_loss
 
 
@@ -74,7 +75,7 @@ class MSD(BYOT):
         super().__init__(**kwargs)
         blocks = {stage: self.chained_blocks(stage) for stage in self.stages[:-1]}
         candidates = [name for names in blocks.values() for name in names]
-        shapes = probe_shapes(self.student, [*blocks, *candidates], self.image_size)
+        shapes = layer_shapes(self.student, [*blocks, *candidates], self.image_size, "student")
         self.branch_points = [
             [name for name in names if shapes.get(name) == shapes[stage]] or [stage] for stage, names in blocks.items()
         ]
@@ -95,7 +96,8 @@ class MSD(BYOT):
             return super().exit_inputs(features)
         return [features[points[int(torch.randint(len(points), ()))]] for points in self.branch_points]
 
-    def loss_terms(self, step: ExitStep) -> dict[str, torch.Tensor]:
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return msd_loss(
-            step.exit_logits, step.exit_features, step.targets, self.alpha, self.temperature, self.feature_weight
+            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.alpha, self.temperature,
+            self.feature_weight,
         )

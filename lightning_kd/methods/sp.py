@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kd.core import Step, check_range
-from lightning_kd.methods.kd import FeatureDistillation
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 from lightning_kd.models import stage_names
 
 

@@ -154,8 +154,9 @@ class UNIXKD(DistillationModule):
         self.flops_spent += batch * student + kept * (2 * student + teacher)
         self.flops_of_kd += batch * (2 * student + teacher)
 
-    def forward_step(self, x: torch.Tensor, y: torch.Tensor) -> Step:
-        """Score and sort the batch by uncertainty, mix it, and run student and teacher on the first k images."""
+    def forward_step(self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict] = None) -> Step:
+        """Score and sort the batch by uncertainty, mix it, and run student and teacher on the first k images (mixes
+        of two samples: no per-sample fields)."""
         batch, kept = x.shape[0], min(self.keep, x.shape[0])
         self.count_cost(x, kept)
         with torch.no_grad():
