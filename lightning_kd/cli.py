@@ -15,6 +15,7 @@ from typing import Optional
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+import lightning_kd.methods  # noqa: F401 - every method is known by its short name (--model KD) in any process
 from lightning_kd.core import DistillationModule, RunCheckpoint, file_sha256, load_checkpoint_file
 from lightning_kd.data import ClassificationDataModule
 

@@ -17,6 +17,7 @@ A new method is a subclass that implements :meth:`DistillationModule.loss_terms`
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import warnings
 from collections.abc import Sequence
@@ -474,6 +475,19 @@ class DistillationModule(pl.LightningModule):
         if name is not None:
             raise ValueError(f"{type(self).__name__} deploys one network, the student: give no name, got {name!r}")
         return self.student
+
+    def step_generator(self) -> torch.Generator:
+        """A random generator on the module's device seeded from (the run's seed, this training step, this
+        process's rank): draws a resumed run repeats exactly, under DDP too, whatever drew from the global
+        random state before. The run's seed is ``seed_everything``'s (``PL_GLOBAL_SEED``), 0 when none was set.
+
+        Example (CRD's negatives)::
+
+            negatives = self.sampler(step.fields["index"], generator=self.step_generator())
+        """
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        key = (seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key % 2**63)
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

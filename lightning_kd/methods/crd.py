@@ -93,7 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import check_range
+from lightning_kd.core import Step, check_choice, check_range, classifier
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 
 #: The constant the authors add to the NCE denominators (``crd/criterion.py``).
 NCE_EPS = 1e-7
@@ -427,3 +428,81 @@ class ContrastSampler(nn.Module):
                 if rows.numel():
                     negatives[rows] = draw(targets[rows], generator)
         return torch.cat([positive[:, None], negatives], dim=1)
+
+
+def training_labels(datamodule) -> torch.Tensor:
+    """The class of every training sample, by its index (``datamodule.train_dataset.targets``)."""
+    targets = getattr(getattr(datamodule, "train_dataset", None), "targets", None)
+    if targets is None:
+        raise ValueError(
+            "CRD draws each sample's negatives among the samples of other classes, so it needs the class of every "
+            "training sample (the data module's train_dataset.targets, as every lightning_kd data module has): "
+            "with other data, set model.negatives to 'all'"
+        )
+    return torch.as_tensor(targets)
+
+
+class CRD(FeatureDistillation):
+    """Contrastive representation distillation: loss = CE (+ KD) + β·(NCE_s + NCE_t) on memory banks of every
+    training sample (see the module docstring for the choices, the authors' code's).
+
+    Owns the two embeddings and the banks (sized by ``num_samples``, which the CLI links from the data); each batch
+    carries its samples' ``index`` (``sample_fields``). Negatives are drawn from :meth:`step_generator`, so a
+    resumed run draws what the uninterrupted one did. Under DDP every process applies the update of the whole
+    gathered batch, so the banks stay identical.
+
+    Args:
+        beta: weight β of the contrastive term (RepDistiller: 0.8).
+        feat_dim: embedding size (128).
+        num_negatives: negatives N per sample (16384).
+        nce_temperature: τ of the critic (0.07).
+        momentum: bank momentum (0.5).
+        negatives: ``other_classes`` (RepDistiller's CIFAR loader) or ``all``.
+        **kwargs: one layer each (default: the classifier's input, the pooled penultimate feature),
+            ``ce_weight``/``kd_weight`` ("CRD+KD": ``kd_weight: 1``) and the base arguments.
+    """
+
+    sample_fields = ("index",)
+
+    def __init__(
+        self, beta: float = 0.8, feat_dim: int = 128, num_negatives: int = 16384, nce_temperature: float = 0.07,
+        momentum: float = 0.5, negatives: str = "other_classes", **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_range("beta", beta, 0.0)
+        check_range("num_negatives", num_negatives, 1)
+        check_choice("negatives", negatives, ("other_classes", "all"))
+        if self.num_samples is None:
+            raise ValueError("CRD keeps a memory of every training sample: set model.num_samples (the CLI links it)")
+        self.beta, self.num_negatives, self.negatives = beta, num_negatives, negatives
+        (student,), (teacher,) = self.feature_shapes()
+        self.embed_student = Embed(math.prod(student), feat_dim)
+        self.embed_teacher = Embed(math.prod(teacher), feat_dim)  # trained: not a part of the frozen teacher
+        self.memory = ContrastMemory(self.num_samples, feat_dim, nce_temperature, momentum)
+        self.sampler: Optional[ContrastSampler] = None  # built from the training labels in setup
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        return [f"{classifier(network)[0]}:input"]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.sampler is None:
+            labels = training_labels(self.trainer.datamodule) if self.negatives == "other_classes" else None
+            labels = torch.zeros(self.num_samples, dtype=torch.long) if labels is None else labels
+            self.sampler = ContrastSampler(labels, self.num_negatives, negatives=self.negatives).to(self.device)
+
+    def gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` of every process, concatenated along the batch (itself on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.all_gather(tensor).flatten(0, 1)
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        ((student, teacher),) = self.paired_features(step)
+        s, t = self.embed_student(student), self.embed_teacher(teacher)
+        index = step.fields["index"]
+        contrast_index = self.sampler(index, generator=self.step_generator())
+        scores = self.memory(s, t, contrast_index, mean_across_ranks=lambda x: self.gathered(x[None]).mean(0))
+        crd = sum(contrast_loss(score, self.num_samples) for score in scores)
+        self.memory.update(self.gathered(index), self.gathered(s.detach()), self.gathered(t.detach()))
+        return {**self.task_terms(step), "crd": self.beta * crd}
