@@ -124,6 +124,16 @@ CPU_METHODS = {
     "at": ("AT", "configs/folder/at/resnet20-resnet8.yaml", CPU_TEACHER),
     "sp": ("SP", "configs/folder/sp/resnet20-resnet8.yaml", CPU_TEACHER),
     "fsp": ("FSP", "configs/folder/fsp/resnet20-resnet8.yaml", CPU_TEACHER),
+    "dkd": ("DKD", "configs/folder/dkd/resnet20-resnet8.yaml", CPU_TEACHER),
+    "dist": ("DIST", "configs/folder/dist/resnet20-resnet8.yaml", CPU_TEACHER),
+    "lsd": ("KD + logit standardization", "configs/folder/lsd/resnet20-resnet8.yaml", CPU_TEACHER),
+    "fitnet": ("FitNet", "configs/folder/fitnet/resnet20-resnet8.yaml", CPU_TEACHER),
+    "nst": ("NST", "configs/folder/nst/resnet20-resnet8.yaml", CPU_TEACHER),
+    "pkt": ("PKT", "configs/folder/pkt/resnet20-resnet8.yaml", CPU_TEACHER),
+    "rkd": ("RKD", "configs/folder/rkd/resnet20-resnet8.yaml", CPU_TEACHER),
+    "cc": ("CC", "configs/folder/cc/resnet20-resnet8.yaml", CPU_TEACHER),
+    "ft": ("FT", "configs/folder/ft/resnet20-resnet8.yaml", CPU_TEACHER),
+    "crd": ("CRD", "configs/folder/crd/resnet20-resnet8.yaml", CPU_TEACHER),
     "cskd": ("CS-KD", "configs/folder/cskd/resnet8.yaml", None),
     "byot": ("BYOT", "configs/folder/byot/resnet8.yaml", None),
     "msd": ("MSD", "configs/folder/msd/resnet8.yaml", None),
@@ -147,11 +157,11 @@ def cosine_schedule(epochs: int) -> list[str]:
 def cpu_schedule(method: str, args) -> tuple[int, list[str]]:
     """Epochs of a student run and the overrides that set its schedule (and UNIX's k and b for the batch size)."""
     epochs = args.epochs
-    if method == "fsp":  # one epoch of FSP alone, then a cosine cycle of `epochs` epochs (CosineAnnealingWarmRestarts)
-        init = "--model.init_args."
+    first_stage = {"fsp": "stage1_epochs", "ft": "paraphrase_epochs"}.get(method)
+    if first_stage:  # one epoch of the first stage, then the others' schedule (restarted by the stage change)
         return epochs + 1, [
-            "--trainer.max_epochs", str(epochs + 1), f"{init}stage1_epochs", "1",
-            f"{init}lr_scheduler.init_args.T_0", "1", f"{init}lr_scheduler.init_args.T_mult", str(epochs),
+            "--trainer.max_epochs", str(epochs + 1), f"--model.init_args.{first_stage}", "1",
+            "--model.init_args.lr_scheduler.init_args.T_max", str(epochs),
         ]
     if method == "active_mixup":
         per_round, rounds = args.am_epochs_per_round, args.am_rounds
@@ -208,7 +218,11 @@ def cpu_cifar10_data(run: Run, args) -> list[str]:
 # --- gpu-cifar100 -------------------------------------------------------------------------------------------------
 CIFAR100_PAIRS = [("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("resnet110", "resnet32"),
                   ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")]
-CIFAR100_PAIR_METHODS = {"kd": "KD", "at": "AT", "sp": "SP", "fsp": "FSP", "unix": "UNIX KD"}
+CIFAR100_PAIR_METHODS = {
+    "kd": "KD", "at": "AT", "sp": "SP", "fsp": "FSP", "unix": "UNIX KD", "dkd": "DKD", "dist": "DIST",
+    "lsd": "KD + logit standardization", "fitnet": "FitNet", "nst": "NST", "pkt": "PKT", "rkd": "RKD", "cc": "CC",
+    "ft": "FT", "crd": "CRD",
+}
 # method -> (label, config, teacher run) of the methods with one config outside the five pairs
 CIFAR100_OTHERS = {
     "lsr": ("Label smoothing", "configs/cifar100/lsr/resnet8x4.yaml", None),

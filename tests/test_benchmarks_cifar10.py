@@ -8,6 +8,12 @@ import sys
 from conftest import REPO
 from tiny_data import write_tiny_image_folder
 
+# The runner's machinery on every kind of run (teacher use, three seeds, a first stage, self-distillation, peers,
+# per-sample fields, query rounds); each method's own config is fitted by tests/test_cli.py.
+PROTOCOL_METHODS = [
+    "teacher", "baseline", "kd", "lsr", "tfkd_self", "tfkd_reg", "at", "sp", "fsp", "cskd", "byot", "msd", "dml",
+    "unix", "active_mixup", "fitnet", "crd",
+]
 TINY_SCHEDULE = [
     "--teacher_epochs", "1", "--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--train_fraction", "0.5",
     "--am_pool", "16", "--am_rounds", "1", "--am_queries", "8", "--am_candidates", "32", "--am_epochs_per_round", "1",
@@ -27,13 +33,15 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     root = write_tiny_image_folder(tmp_path / "data", classes=4, per_class=16, splits=("train", "test"))
     protocol, render = load_script("cifar10_protocol"), load_script("render_cifar10")
     results_path = tmp_path / "results.json"
-    arguments = ["--root", root, "--workdir", str(tmp_path / "runs"), "--results", str(results_path), *TINY_SCHEDULE]
+    arguments = ["--root", root, "--workdir", str(tmp_path / "runs"), "--results", str(results_path), *TINY_SCHEDULE,
+                 "--methods", *PROTOCOL_METHODS]
 
     assert protocol.main(arguments) == 0
     results = json.loads(results_path.read_text())
     runs = {record["name"]: record for record in results["runs"]}
     every_run = protocol.cpu_cifar10_runs(protocol.parse_args(arguments))
-    planned = [run.name for run in every_run if not run.on_request]
+    planned = [run.name for run in every_run if not run.on_request and run.method in PROTOCOL_METHODS]
+    assert {"ft-s0", "crd-s0", "dkd-s0"} <= {run.name for run in every_run}  # every method has its run
     assert list(runs) == planned and "byot_exit_ce-s0" in {run.name for run in every_run}  # ablations on request
     assert {"teacher", "baseline-s2", "kd-s2", "dml-s0", "active_mixup-s0"} <= set(runs)
     for record in runs.values():
@@ -83,7 +91,7 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert retrained["kd-s1"]["finished"] >= retrained["teacher"]["finished"]
 
     # An ablation runs when named, with its overrides, and is recorded after the protocol's runs.
-    assert protocol.main([*arguments, "--only", "byot_exit_ce-s0"]) == 0
+    assert protocol.main([*arguments, "--only", "byot_exit_ce-s0", "--methods", "byot_exit_ce"]) == 0
     ablated = json.loads(results_path.read_text())["runs"]
     assert [record["name"] for record in ablated] == [*planned, "byot_exit_ce-s0"]
     assert "--model.init_args.alpha 0 --model.init_args.feature_weight 0" in ablated[-1]["commands"][0]

@@ -392,3 +392,53 @@ def test_dataloader_is_plain_torch_loader(tmp_path):
     dm = ImageFolderDataModule(root=root, **FAST)
     dm.setup()
     assert isinstance(dm.train_dataloader(), DataLoader)
+
+
+# --------------------------------------------------------------------------- CLI arguments
+#: ClassificationDataModule's loader arguments and their defaults, which the subclasses pass on with **kwargs.
+LOADER_DEFAULTS = {"batch_size": 64, "num_workers": 4, "pin_memory": True, "persistent_workers": True,
+                   "val_split": 0.0, "seed": None, "paired_batches": False, "tensor_resident": False}  # fmt: skip
+#: A value other than the default for each loader argument.
+LOADER_VALUES = {"batch_size": 7, "num_workers": 0, "pin_memory": False, "persistent_workers": False,
+                 "val_split": 0.25, "seed": 5, "paired_batches": True, "tensor_resident": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "class_path, own, left_out",
+    [
+        ("CIFAR10DataModule", {"root": "data", "download": True, "tensor_resident": None}, ()),
+        ("CIFAR100DataModule", {"root": "data", "download": True, "tensor_resident": None}, ()),
+        ("ImageFolderDataModule",
+         {"root": None, "image_size": 32, "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "tensor_resident": None}, ()),
+        ("ImageNetDataModule",
+         {"root": None, "subset": None, "subset_seed": None, "images_per_class": None, "image_size": 224},
+         ("tensor_resident",)),
+        ("ImagenetteDataModule", {"root": "data", "size": "320px", "download": True, "image_size": 224},
+         ("paired_batches", "tensor_resident")),
+    ],
+)  # fmt: skip
+def test_the_cli_offers_every_loader_argument_of_every_data_module(class_path, own, left_out):
+    """The CLI's parser (jsonargparse's subclass mode, as LightningCLI's ``--data``) lists every argument of each data
+    module with its default, the loader arguments the subclasses pass on with ``**kwargs`` included, and accepts each
+    of them; those a module leaves out (``tensor_resident`` where it has no tensor-resident path, ``paired_batches``
+    where its dataset lists no targets) it refuses."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    def parser() -> ArgumentParser:
+        result = ArgumentParser(exit_on_error=False)
+        result.add_subclass_arguments(ClassificationDataModule, "data")
+        return result
+
+    data = [f"--data=lightning_kd.data.{class_path}", "--data.root=somewhere"]
+    init_args = parser().parse_args(data).data.init_args.as_dict()
+    loader = {name: value for name, value in LOADER_DEFAULTS.items() if name not in left_out}
+    expected = {**loader, **own, "root": "somewhere"}
+    assert init_args == expected  # nothing dropped, nothing added, same defaults
+    assert own["root"] is None or parser().parse_args(data[:1]).data.init_args.root == own["root"]
+    given = {name: LOADER_VALUES[name] for name in loader}
+    options = [f"--data.{name}={str(value).lower()}" for name, value in given.items()]
+    init_args = parser().parse_args([*data, *options]).data.init_args.as_dict()
+    assert {name: init_args[name] for name in given} == given
+    for name in left_out:
+        with pytest.raises(ArgumentError, match=name):
+            parser().parse_args([*data, f"--data.{name}={str(LOADER_VALUES[name]).lower()}"])

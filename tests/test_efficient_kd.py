@@ -71,13 +71,14 @@ def teacher_cost(metrics) -> tuple:
 
 
 # --- BlackBoxTeacher ----------------------------------------------------------------------------
-def test_black_box_teacher_answers_probabilities_and_its_count_survives_the_state_dict():
+def test_black_box_teacher_answers_logits_and_its_count_survives_the_state_dict():
     network = nn.Linear(3, 4)
     teacher = BlackBoxTeacher(network, budget=5)
     x = torch.randn(3, 3)
-    probabilities = teacher(x)
-    torch.testing.assert_close(probabilities, network(x).softmax(-1))
-    assert teacher.queries == 3 and not probabilities.requires_grad
+    logits = teacher(x)  # log-probabilities: the softmax of the network's own logits at any temperature
+    torch.testing.assert_close(logits.softmax(-1), network(x).softmax(-1))
+    torch.testing.assert_close((logits / 4).softmax(-1), (network(x) / 4).softmax(-1))
+    assert teacher.queries == 3 and not logits.requires_grad
     restored = BlackBoxTeacher(nn.Linear(3, 4))
     restored.load_state_dict(teacher.state_dict())
     assert restored.queries == 3
@@ -91,7 +92,7 @@ def test_black_box_budget_is_a_clear_error_and_never_overrun():
         return [[0.25, 0.75]] * len(x)
 
     teacher = BlackBoxTeacher(endpoint, budget=5, returns="probabilities")
-    torch.testing.assert_close(teacher(torch.zeros(4, 3)), torch.tensor([[0.25, 0.75]] * 4))
+    torch.testing.assert_close(teacher(torch.zeros(4, 3)).exp(), torch.tensor([[0.25, 0.75]] * 4))
     with pytest.raises(QueryBudgetExceeded, match="4 images already queried, 2 more asked, budget 5"):
         teacher(torch.zeros(2, 3))
     assert teacher.queries == 4 and asked == [4]

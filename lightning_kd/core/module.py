@@ -37,7 +37,6 @@ from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
 from lightning_kd.core.stages import Stage, check_stages, stage_index
 from lightning_kd.core.teacher import (
-    BlackBoxTeacher,
     TeacherCost,
     TeacherSource,
     build_teacher,
@@ -274,14 +273,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher_layers: list[str] = []
         self._student_hooks: Optional[FeatureHooks] = None
         self._teacher_hooks: Optional[FeatureHooks] = None
-
-        self.val_metrics = accuracy_metrics(num_classes, "val/")
-        self.test_metrics = accuracy_metrics(num_classes, "test/")
-        self.teacher_val_metrics = accuracy_metrics(num_classes, "val/teacher_")
-        self.teacher_test_metrics = accuracy_metrics(num_classes, "test/teacher_")
-        # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
-        self.named_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
-        self._teacher_scored = False
+        self._add_metrics(num_classes)
         self.input_shape: Optional[tuple[int, ...]] = None  # one sample's shape, saved for export
         self.channels_last = bool(channels_last)
         self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
@@ -289,6 +281,16 @@ class DistillationModule(pl.LightningModule):
         self.non_finite = NonFiniteWatch()
         self._stages: Optional[list[Stage]] = None
         self._optimizer_stage: Optional[int] = None  # the stage whose optimizer and scheduler are in use
+
+    def _add_metrics(self, num_classes: int) -> None:
+        """Accuracy of the student and the teacher in validation and test, and room for named outputs'."""
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.teacher_val_metrics = accuracy_metrics(num_classes, "val/teacher_")
+        self.teacher_test_metrics = accuracy_metrics(num_classes, "test/teacher_")
+        # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
+        self.named_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
+        self._teacher_scored = False
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -518,15 +520,13 @@ class DistillationModule(pl.LightningModule):
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits under ``torch.no_grad`` (not ``inference_mode``: losses save them for backward).
 
-        Images sent in training are counted in :attr:`teacher_cost`. A :class:`BlackBoxTeacher` answers
-        probabilities p; log p serves as logits, as softmax(log p / T) = softmax(z / T) for its logits z.
+        Images sent in training are counted in :attr:`teacher_cost`. A teacher is anything that answers logits
+        (a :class:`BlackBoxTeacher` answers log-probabilities, which serve as logits).
         """
         if self.teacher_cost is not None and (self._trainer is None or self.trainer.training):
             self.teacher_cost.add(x)  # before the forward: its FLOP probe must not be the last one hooks record
         with torch.no_grad():
             logits = self.teacher(x)
-            if isinstance(self.teacher, BlackBoxTeacher):
-                logits = logits.clamp_min(torch.finfo(logits.dtype).tiny).log()
         self._check_classes(logits, "teacher")
         return logits
 
@@ -637,8 +637,9 @@ class DistillationModule(pl.LightningModule):
             self.log_dict(self.named_metrics[prefix][name])
         self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), batch_size=x.shape[0], sync_dist=True)
         self.log_dict(metrics)
-        # A black-box teacher is not scored: every image it is asked about counts against its budget.
-        if teacher_metrics is not None and self.teacher is not None and not isinstance(self.teacher, BlackBoxTeacher):
+        # A teacher whose queries are counted (a black box) is not scored: each image would count against its budget.
+        scored = self.teacher is not None and not getattr(self.teacher, "queries_are_counted", False)
+        if teacher_metrics is not None and scored:
             teacher_metrics.update(self.teacher_forward(x), y)
             self.log_dict(teacher_metrics)
         return logits

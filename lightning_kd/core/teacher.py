@@ -242,9 +242,12 @@ class BlackBoxTeacher(nn.Module):
     """A teacher seen only through its class probabilities, counting and capping the images it is asked about.
 
     Wraps a local network or any callable (e.g. a client of a remote prediction endpoint) mapping a batch of
-    images to logits or probabilities. Every call counts ``len(x)`` queries; a call that would take the count
-    past ``budget`` raises :class:`QueryBudgetExceeded` before the teacher is asked anything. The count is part
-    of the ``state_dict`` (module extra state), so it survives a checkpoint and resume.
+    images to logits or probabilities. Like any teacher it answers logits: log p of its probabilities p
+    (softmax(log p / T) = softmax(z / T) for its logits z, so every loss reads it as it reads a network's logits).
+    Every call counts ``len(x)`` queries; a call that would take the count past ``budget`` raises
+    :class:`QueryBudgetExceeded` before the teacher is asked anything. The count is part of the ``state_dict``
+    (module extra state), so it survives a checkpoint and resume. Validation never scores it
+    (``queries_are_counted``): every image it is asked about counts against its budget.
 
     Args:
         model: the teacher: an ``nn.Module`` or a callable taking a ``(B, ...)`` tensor.
@@ -268,8 +271,11 @@ class BlackBoxTeacher(nn.Module):
         self.returns = returns
         self.queries = 0
 
+    queries_are_counted = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(B, K)`` in float32 for the ``B`` images of ``x``, counted against the budget."""
+        """Logits ``(B, K)``, log p in float32 (a probability 0 clamped to the smallest positive float), for the ``B``
+        images of ``x``, counted against the budget."""
         asked = x.shape[0]
         if self.budget is not None and self.queries + asked > self.budget:
             raise QueryBudgetExceeded(
@@ -279,7 +285,9 @@ class BlackBoxTeacher(nn.Module):
         with torch.no_grad():
             outputs = torch.as_tensor(self.model(x), device=x.device).float()
         self.queries += asked
-        return outputs.softmax(dim=-1) if self.returns == "logits" else outputs
+        if self.returns == "logits":
+            return outputs.log_softmax(dim=-1)
+        return outputs.clamp_min(torch.finfo(outputs.dtype).tiny).log()
 
     def get_extra_state(self) -> dict:
         return {"queries": self.queries}

@@ -17,7 +17,7 @@ from lightning_kd.data.augment import KeyedTransform
 from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler, ResumableLoader
 from lightning_kd.data.tensor_resident import CropFlipNormalize, DrawRecord, PerSampleCropFlip, TensorImageDataset
 
-__all__ = ["ClassificationDataModule", "TransformedSubset", "read_image", "run_seed"]
+__all__ = ["ClassificationDataModule", "TransformedSubset", "check_int", "read_image", "run_seed"]
 
 
 def _accelerator_available() -> bool:
@@ -38,6 +38,13 @@ def _free_memory_bytes() -> int:
 def run_seed() -> int:
     """The run's seed: ``seed_everything``'s (which Lightning keeps in ``PL_GLOBAL_SEED``), 0 when none was set."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value``, which must be an integer (not a bool) of at least ``minimum``; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def read_image(path: str) -> Any:
@@ -128,6 +135,9 @@ class ClassificationDataModule(pl.LightningDataModule):
     its epoch is saved in every checkpoint (:class:`~lightning_kd.data.samplers.ResumableLoader`), so a run resumed
     from any checkpoint, mid-epoch too, goes on exactly as if it had not stopped.
 
+    The arguments after ``root`` are the loader arguments of every data module: a subclass takes its own arguments
+    and passes these on with ``**kwargs`` (which the CLI follows, so it lists them for the subclass too).
+
     Args:
         root: directory of the dataset.
         batch_size: samples per batch (per device under DDP).
@@ -161,10 +171,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         tensor_resident: Optional[bool] = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
         if (
             isinstance(val_split, bool)
             or not isinstance(val_split, (int, float))

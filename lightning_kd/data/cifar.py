@@ -13,14 +13,7 @@ from torchvision.transforms import v2
 from lightning_kd.data.base import ClassificationDataModule
 from lightning_kd.data.tensor_resident import CropFlipNormalize
 
-__all__ = [
-    "CIFAR10DataModule",
-    "CIFAR100DataModule",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-]
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -28,8 +21,24 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+_CIFAR_DOC = """{name} ({classes}, 50k train / 10k test images of 32x32).
+
+    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation, drawn from each sample's
+    ``(seed, epoch, index)``; eval: normalisation. The test split doubles as validation split unless ``val_split > 0``.
+
+    Args:
+        root: directory containing (or receiving) the extracted ``{folder}``.
+        download: download the archive in prepare_data if it is not already in root.
+        tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
+            batches on the training device (the same batches as the per-sample path, faster); ``None``: on where it
+            fits in memory (a quarter of the free memory).
+        **kwargs: the loader arguments of ClassificationDataModule.
+    """
+
+
 class _CIFARDataModule(ClassificationDataModule):
-    """Shared implementation of the CIFAR-10/100 modules."""
+    """Shared implementation of the CIFAR-10/100 modules: a subclass names its torchvision dataset and statistics
+    (class attributes) and gets its docstring from ``_CIFAR_DOC``."""
 
     dataset_cls: ClassVar[type[datasets.CIFAR10]]
     dataset_name: ClassVar[str]
@@ -38,29 +47,9 @@ class _CIFARDataModule(ClassificationDataModule):
     STD: ClassVar[tuple[float, float, float]]
 
     def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
-        paired_batches: bool = False,
-        tensor_resident: Optional[bool] = None,
+        self, root: str = "data", download: bool = True, tensor_resident: Optional[bool] = None, **kwargs: Any
     ) -> None:
-        super().__init__(
-            root=os.path.expanduser(str(root)),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-            paired_batches=paired_batches,
-            tensor_resident=tensor_resident,
-        )
+        super().__init__(root=os.path.expanduser(str(root)), tensor_resident=tensor_resident, **kwargs)
         self.download = bool(download)
 
     @property
@@ -113,112 +102,14 @@ class _CIFARDataModule(ClassificationDataModule):
 
 
 class CIFAR10DataModule(_CIFARDataModule):
-    """CIFAR-10 (10 classes, 50k train / 10k test images of 32x32).
+    __doc__ = _CIFAR_DOC.format(name="CIFAR-10", classes="10 classes", folder="cifar-10-batches-py")
 
-    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation, drawn from each sample's
-    ``(seed, epoch, index)``; eval: normalisation. The test split doubles as validation split unless ``val_split > 0``.
-
-    Args:
-        root: directory containing (or receiving) the extracted ``cifar-10-batches-py``.
-        download: download the archive in prepare_data if it is not already in root.
-        batch_size: samples per batch (per device under DDP).
-        num_workers: dataloader worker processes (0 loads in the main process).
-        pin_memory: pin host memory of the batches (only when an accelerator is present).
-        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
-        val_split: fraction of the training split held out for validation; 0 validates on
-            the test split, as most of the literature reports.
-        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
-            the run's (``seed_everything``'s), 0 when none is set.
-        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
-        tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
-            batches on the training device (the same batches as the per-sample path, faster); ``None``: on where it
-            fits in memory (a quarter of the free memory).
-    """
-
-    dataset_cls = datasets.CIFAR10
-    dataset_name = "CIFAR-10"
-    NUM_CLASSES = 10
-    MEAN = CIFAR10_MEAN
-    STD = CIFAR10_STD
-
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
-        paired_batches: bool = False,
-        tensor_resident: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-            paired_batches=paired_batches,
-            tensor_resident=tensor_resident,
-        )
+    dataset_cls, dataset_name, NUM_CLASSES = datasets.CIFAR10, "CIFAR-10", 10
+    MEAN, STD = CIFAR10_MEAN, CIFAR10_STD
 
 
 class CIFAR100DataModule(_CIFARDataModule):
-    """CIFAR-100 (100 fine classes, 50k train / 10k test images of 32x32).
+    __doc__ = _CIFAR_DOC.format(name="CIFAR-100", classes="100 fine classes", folder="cifar-100-python")
 
-    Train: RandomCrop(32, padding=4) + horizontal flip + normalisation, drawn from each sample's
-    ``(seed, epoch, index)``; eval: normalisation. The test split doubles as validation split unless ``val_split > 0``.
-
-    Args:
-        root: directory containing (or receiving) the extracted ``cifar-100-python``.
-        download: download the archive in prepare_data if it is not already in root.
-        batch_size: samples per batch (per device under DDP).
-        num_workers: dataloader worker processes (0 loads in the main process).
-        pin_memory: pin host memory of the batches (only when an accelerator is present).
-        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
-        val_split: fraction of the training split held out for validation; 0 validates on
-            the test split, as most of the literature reports.
-        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
-            the run's (``seed_everything``'s), 0 when none is set.
-        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
-        tensor_resident: keep the decoded split as one uint8 tensor and crop, flip and normalise whole
-            batches on the training device (the same batches as the per-sample path, faster); ``None``: on where it
-            fits in memory (a quarter of the free memory).
-    """
-
-    dataset_cls = datasets.CIFAR100
-    dataset_name = "CIFAR-100"
-    NUM_CLASSES = 100
-    MEAN = CIFAR100_MEAN
-    STD = CIFAR100_STD
-
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
-        paired_batches: bool = False,
-        tensor_resident: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-            paired_batches=paired_batches,
-            tensor_resident=tensor_resident,
-        )
+    dataset_cls, dataset_name, NUM_CLASSES = datasets.CIFAR100, "CIFAR-100", 100
+    MEAN, STD = CIFAR100_MEAN, CIFAR100_STD

@@ -12,7 +12,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 
 from lightning_kd.data.augment import ResizedCropFlipNormalize
-from lightning_kd.data.base import ClassificationDataModule, read_image
+from lightning_kd.data.base import ClassificationDataModule, check_int, read_image
 from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from lightning_kd.data.tensor_resident import CropFlipNormalize
 
@@ -58,19 +58,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         image_size: side of the square network input, in pixels.
         mean: per-channel normalisation mean (RGB, images scaled to [0, 1]).
         std: per-channel normalisation standard deviation (RGB).
-        batch_size: samples per batch (per device under DDP).
-        num_workers: dataloader worker processes (0 loads in the main process).
-        pin_memory: pin host memory of the batches (only when an accelerator is present).
-        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
-        val_split: fraction of the training split held out for validation; 0 validates on
-            the val/test split, as most of the literature reports.
-        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
-            the run's (``seed_everything``'s), 0 when none is set.
-        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
         tensor_resident: for ``image_size <= 64``, decode every image once (Resize + CenterCrop to
             ``image_size``, in memory) into one uint8 tensor and crop, flip and normalise whole batches on the
             training device (the same batches as the per-sample path, faster); ``None``: on for such sizes where it
             fits in memory (a quarter of the free memory).
+        **kwargs: the loader arguments of ClassificationDataModule.
     """
 
     def __init__(
@@ -79,34 +71,16 @@ class ImageFolderDataModule(ClassificationDataModule):
         image_size: int = 32,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
-        paired_batches: bool = False,
         tensor_resident: Optional[bool] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=os.path.expanduser(str(root)),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-            paired_batches=paired_batches,
-            tensor_resident=tensor_resident,
-        )
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
+        super().__init__(root=os.path.expanduser(str(root)), tensor_resident=tensor_resident, **kwargs)
+        self.image_size = check_int("image_size", image_size, 1)
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std must have 3 (RGB) values, got mean={mean}, std={std}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std values must be > 0, got {std}")
-        self.image_size = image_size
         self.mean: tuple[float, float, float] = mean  # type: ignore[assignment]
         self.std: tuple[float, float, float] = std  # type: ignore[assignment]
 

@@ -24,7 +24,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightning_kd.data.augment import ResizedCropFlipNormalize
-from lightning_kd.data.base import ClassificationDataModule, read_image
+from lightning_kd.data.base import ClassificationDataModule, check_int, read_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -167,11 +167,10 @@ class _WordNetDataModule(ClassificationDataModule):
     cannot be decoded (truncated, corrupt) stops the run with an error naming its file.
     """
 
-    def __init__(self, root: str, wnids: Sequence[str], image_size: int, **loader_args: Any) -> None:
-        super().__init__(root=os.path.expanduser(str(root)), **loader_args)
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
-        self.image_size = image_size
+    def __init__(self, root: str, wnids: Sequence[str], image_size: int, **kwargs: Any) -> None:
+        # No tensor-resident path (no batch_transform): given here, the CLI does not offer tensor_resident either.
+        super().__init__(root=os.path.expanduser(str(root)), tensor_resident=False, **kwargs)
+        self.image_size = check_int("image_size", image_size, 1)
         self.wnids = list(wnids)
 
     @property
@@ -243,14 +242,8 @@ class ImageNetDataModule(_WordNetDataModule):
         images_per_class: at most this many images of each class in each split (the first in sorted file
             order), for quick runs; ``None`` keeps all.
         image_size: side of the square network input, in pixels (224; e.g. 64 for a cheap low-resolution run).
-        batch_size: samples per batch (per device under DDP).
-        num_workers: dataloader worker processes (0 loads in the main process).
-        pin_memory: pin host memory of the batches (only when an accelerator is present).
-        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
-        val_split: fraction of the training split held out for validation; 0 validates on ``val/``.
-        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
-            the run's (``seed_everything``'s), 0 when none is set.
-        paired_batches: follow every training batch with a same-class partner for each sample (CS-KD).
+        **kwargs: the loader arguments of ClassificationDataModule, all but ``tensor_resident`` (these modules
+            have no tensor-resident path).
     """
 
     def __init__(
@@ -260,26 +253,9 @@ class ImageNetDataModule(_WordNetDataModule):
         subset_seed: Optional[int] = None,
         images_per_class: Optional[int] = None,
         image_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
-        paired_batches: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            select_wnids(subset, subset_seed),
-            image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-            paired_batches=paired_batches,
-        )
+        super().__init__(root, select_wnids(subset, subset_seed), image_size, **kwargs)
         if images_per_class is not None and (
             isinstance(images_per_class, bool) or not isinstance(images_per_class, int) or images_per_class < 1
         ):
@@ -331,13 +307,8 @@ class ImagenetteDataModule(_WordNetDataModule):
         size: which release: ``"full"``, ``"320px"`` or ``"160px"`` (shorter side resized, much smaller download).
         download: download and extract the archive in prepare_data if it is not already in root.
         image_size: side of the square network input, in pixels.
-        batch_size: samples per batch (per device under DDP).
-        num_workers: dataloader worker processes (0 loads in the main process).
-        pin_memory: pin host memory of the batches (only when an accelerator is present).
-        persistent_workers: keep the workers alive between epochs (only when num_workers > 0).
-        val_split: fraction of the training split held out for validation; 0 validates on ``val``.
-        seed: seed of the validation hold-out, of the per-epoch training shuffle and of the augmentation; ``None``:
-            the run's (``seed_everything``'s), 0 when none is set.
+        **kwargs: the loader arguments of ClassificationDataModule, all but ``paired_batches`` (Imagenette's
+            dataset does not list its targets) and ``tensor_resident`` (no tensor-resident path).
     """
 
     def __init__(
@@ -346,24 +317,9 @@ class ImagenetteDataModule(_WordNetDataModule):
         size: Literal["full", "320px", "160px"] = "320px",
         download: bool = True,
         image_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_split: float = 0.0,
-        seed: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            IMAGENETTE_WNIDS,
-            image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_split=val_split,
-            seed=seed,
-        )
+        super().__init__(root, IMAGENETTE_WNIDS, image_size, paired_batches=False, **kwargs)
         if size not in ("full", "320px", "160px"):
             raise ValueError(f"size must be 'full', '320px' or '160px', got {size!r}")
         self.size = size

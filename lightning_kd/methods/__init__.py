@@ -30,6 +30,7 @@ from lightning_kd.methods.tfkd import (
     virtual_teacher,
 )
 from lightning_kd.methods.unixkd import UNIXKD, uncertainty, unix_loss_terms, unix_mix_weights
+from lightning_kd.methods.vid import VID, VIDRegressor, vid_loss
 
 __all__ = [
     "Baseline", "KD", "kd_loss",
@@ -47,4 +48,5 @@ __all__ = [
     "LabelSmoothing", "TfKDReg", "TfKDSelf", "label_smoothing_loss", "tfkd_reg_loss", "tfkd_self_loss", "virtual_teacher",
     "ActiveMixup", "least_confident_mixes", "soft_target_loss",
     "UNIXKD", "uncertainty", "unix_loss_terms", "unix_mix_weights",
+    "VID", "vid_loss", "VIDRegressor",
 ]

@@ -6,9 +6,9 @@ feature s: a regressor μ(s) predicts t under a Gaussian q(t | s) = N(μ(s), σ�
 channel, σ²_c = softplus(α_c) + ε, and the student minimises −log q(t | s) (Sec. 3 of the paper:
 −log q(t|s) = Σ_{c,h,w} log σ_c + (t_{c,h,w} − μ_{c,h,w}(s))² / (2σ²_c) + const).
 
-What this file holds (the method's module is wired elsewhere): :func:`vid_loss`, the Gaussian negative
-log-likelihood, and :class:`VIDRegressor`, the head a VID module owns per distilled layer (its 1×1-conv mean
-regressor and the per-channel variance parameter α).
+What this file holds: :func:`vid_loss`, the Gaussian negative log-likelihood; :class:`VIDRegressor`, the head a
+VID module owns per distilled layer pair (its 1×1-conv mean regressor and the per-channel variance parameter α);
+and :class:`VID`, the method (loss = CE (+ KD) + β·Σ_pairs vid_loss).
 
 Choices — the authors' code as RepDistiller ships it (HobbitLong/RepDistiller ``distiller_zoo/VID.py``, "code
 from author" ssahn0215/variational-information-distillation; mdistiller's ``VID.py`` is the same computation):
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import check_range
+from lightning_kd.core import Step, check_range
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 
 
 def vid_loss(predicted_mean: torch.Tensor, teacher_features: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -136,3 +137,76 @@ class VIDRegressor(nn.Module):
         if tuple(teacher_features.shape[2:]) != size:
             teacher_features = F.adaptive_avg_pool2d(teacher_features, size)
         return vid_loss(self(student_features), teacher_features, self.variance())
+
+
+class VID(FeatureDistillation):
+    """Variational information distillation: loss = CE (+ KD) + β·Σ_pairs vid_loss(μ_i(s_i), t_i, σ²_i).
+
+    Ahn, Hu, Damianou, Lawrence & Dai, "Variational Information Distillation for Knowledge Transfer" (CVPR 2019,
+    arXiv 1904.05835): for every pair i of (student layer, teacher layer), a regressor μ_i predicts the teacher's
+    feature t_i from the student's s_i under a Gaussian with a learned per-channel variance σ²_i, and the student
+    minimises the negative log-likelihood −log q(t_i | s_i) (:func:`vid_loss`: the mean over batch, channels and
+    positions of ½·((t − μ)²/σ² + log σ²), the constant ½·log 2π dropped), here summed over the pairs and
+    weighted by β.
+
+    Owned heads: one :class:`VIDRegressor` per pair in :attr:`regressors` (an ``nn.ModuleList``, trained,
+    checkpointed, left out of export), sized in ``__init__`` from the two layers' output shapes: C_s → C_t → C_t
+    → C_t, three bias-free 1×1 convolutions with ReLUs between them (hidden width C_t, RepDistiller's
+    ``VIDLoss(s, t, t)``), and the variance σ²_c = softplus(α_c) + ε of each teacher channel, α initialised so
+    that σ² = ``init_variance``. The regressors and α learn with the student (same optimizer, learning rate and
+    weight decay, as RepDistiller puts the whole ``VIDLoss`` in its optimiser); the teacher's features carry no
+    gradient. When a pair's spatial sizes differ the larger map is adaptive-average-pooled to the smaller (height
+    and width separately) *before* the regressor (RepDistiller pools to a square of the smaller height: the same
+    for square maps). Parameter names (``regressor.0/2/4.weight``, ``log_scale``) are RepDistiller's, so its
+    ``VIDLoss`` state dicts load into each head.
+
+    Choices (RepDistiller, HobbitLong/RepDistiller ``distiller_zoo/VID.py``, ``train_student.py``,
+    ``helper/loops.py``, ``scripts/run_cifar_distill.sh``, which produced the CIFAR-100 "VID" row of its table):
+
+    - Weights: CE 1, no KD (``-r 1 -a 0 -b 1``), β = 1 for the sum over the pairs; ``kd_weight`` adds KD
+      ("VID+KD"). The code's per-layer weight is the paper's λ/(C·H·W): its loss is a mean, the paper's a sum.
+    - Layers: every stage output of RepDistiller's ``is_feat`` list but the stem and the pooled vector,
+      ``feat[1:-1]``, post-activation, paired in order. The default here is every stage end of each network
+      (:func:`lightning_kd.models.stage_names`), which is RepDistiller's choice on the CIFAR ResNets
+      (``layer1..3``); on the WRNs RepDistiller's last map is ``block3``'s raw output (before the final BN-ReLU)
+      and on the VGGs it leaves out ``block0``: name ``block1, block2, block3`` / ``block1`` .. ``block4``
+      explicitly (the configs under ``configs/cifar100/vid`` do, the same layers as ``configs/cifar100/nst``).
+      Every paired layer must output a (C, H, W) map (checked at construction).
+    - ε = 1e-5, initial variance 5 (``init_pred_var``); α is learned (mdistiller leaves it unregistered, so fixed).
+    - Schedule (the configs): SGD 0.05, momentum 0.9, weight decay 5e-4 (on α too), batch 64, ×0.1 at
+      150/180/210, 240 epochs; one stage (no pre-training of the regressors).
+
+    Args:
+        beta: weight β of the summed VID terms (RepDistiller: 1).
+        init_variance: σ² of every channel at initialisation (RepDistiller: 5), must exceed ``eps``.
+        eps: ε, the floor added to softplus(α) (RepDistiller: 1e-5).
+        **kwargs: layers (``student_layers``/``teacher_layers``, paired in order), ``ce_weight``/``kd_weight``/
+            ``temperature``, ``image_size`` (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`)
+            and the base arguments.
+    """
+
+    def __init__(self, beta: float = 1.0, init_variance: float = 5.0, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_range("beta", beta, 0.0)
+        check_range("eps", eps, 0.0)
+        check_range("init_variance", init_variance, eps, low_open=True)
+        self.beta = beta
+        self.init_variance = init_variance
+        self.eps = eps
+        student, teacher = self.feature_shapes()
+        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
+        for who, names, shapes in pairs:
+            for name, shape in zip(names, shapes):
+                if len(shape) != 3:
+                    raise ValueError(
+                        f"VID regresses (B, C, H, W) feature maps with 1x1 convolutions, but the {who} layer {name!r} "
+                        f"outputs {shape}: name convolutional layers"
+                    )
+        self.regressors = nn.ModuleList(
+            VIDRegressor(s[0], t[0], init_variance=init_variance, eps=eps) for s, t in zip(student, teacher)
+        )
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        pairs = self.paired_features(step)
+        vid = sum(regressor.loss(student, teacher) for regressor, (student, teacher) in zip(self.regressors, pairs))
+        return {**self.task_terms(step), "vid": self.beta * vid}
