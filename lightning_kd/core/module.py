@@ -373,14 +373,35 @@ class DistillationModule(pl.LightningModule):
     def score_outputs(self, names: Sequence[str]) -> None:
         """Declare outputs besides the main one (BYOT's exits, DML's peers) that :meth:`evaluation_logits`
         returns by name: each is scored as ``val/acc1/<name>``, ``val/acc5/<name>`` (and ``test/…``), while
-        ``val/acc1`` stays the main output's. Call it from ``__init__``."""
+        ``val/acc1`` stays the main output's. Call it from ``__init__``.
+
+        Args:
+            names: the outputs' names, as :meth:`evaluation_logits` keys them.
+
+        Example::
+
+            self.score_outputs(["peer_0", "peer_1"])
+        """
         for stage, metrics in self.named_metrics.items():
             for name in names:
                 metrics[name] = accuracy_metrics(self.num_classes, f"{stage}/", f"/{name}")
 
     def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits scored in validation and test: the main output's, and those of the outputs named in
-        :meth:`score_outputs`, by name. Default: the student's, and no others."""
+        """Logits scored in validation and test.
+
+        Args:
+            x: a validation or test batch's inputs.
+
+        Returns:
+            ``(main logits (B, K), {name: logits (B, K)})`` for the outputs named in :meth:`score_outputs`; default:
+            the student's, and no others.
+
+        Example (DML: every peer)::
+
+            def evaluation_logits(self, x):
+                logits = self.student(x)
+                return logits, {"peer_0": logits, "peer_1": self.peers[0](x)}
+        """
         return self.student(x), {}
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -469,10 +490,20 @@ class DistillationModule(pl.LightningModule):
         self.teacher_source = recorded_source
 
     def deployable(self, name: Optional[str] = None) -> nn.Module:
-        """The network a deployment needs (what ``lightning-kd export`` writes): the student.
+        """The network a deployment needs (what ``lightning-kd export`` writes).
 
-        Methods that train several usable networks (DML's peers, BYOT's exits) pick one by ``name``;
-        ``None`` is always the main one.
+        Args:
+            name: which network, for methods that train several usable ones (DML's peers, BYOT's exits: the
+                export's ``--network``); ``None`` is always the main one.
+
+        Returns:
+            an ``nn.Module`` mapping inputs to logits; default: the student (heads a method owns for training,
+            like FitNet's regressor, are left out).
+
+        Example (DML)::
+
+            def deployable(self, name=None):
+                return self.student if name in (None, "peer_0") else self.peers[int(name.split("_")[1]) - 1]
         """
         if name is not None:
             raise ValueError(f"{type(self).__name__} deploys one network, the student: give no name, got {name!r}")

@@ -1,4 +1,5 @@
 """One file per paper: its loss as a pure function and its LightningModule."""
+from lightning_kd.methods.ab import AB, ABConnectors, ab_layer_loss, ab_loss
 from lightning_kd.methods.active_mixup import ActiveMixup, least_confident_mixes, soft_target_loss
 from lightning_kd.methods.at import AT, at_loss, attention_energy
 from lightning_kd.methods.baseline import Baseline
@@ -44,6 +45,7 @@ __all__ = [
     "CC", "cc_loss", "cc_kernel_loss", "correlation_matrix", "LinearEmbed",
     "FT", "ft_loss", "ft_factor", "paraphraser_loss", "Paraphraser", "Translator",
     "FitNet", "fitnet_loss", "ConvReg",
+    "AB", "ab_loss", "ab_layer_loss", "ABConnectors",
     "CRD", "contrast_loss", "ContrastMemory", "ContrastSampler", "Embed",
     "LabelSmoothing", "TfKDReg", "TfKDSelf", "label_smoothing_loss", "tfkd_reg_loss", "tfkd_self_loss", "virtual_teacher",
     "ActiveMixup", "least_confident_mixes", "soft_target_loss",

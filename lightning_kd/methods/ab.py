@@ -19,9 +19,10 @@ the authors' bhheo/AB_distillation code):
   for the WRNs the next pre-activation BN applied to the stage's output (``block2.layer.0.bn1``,
   ``block3.layer.0.bn1``, ``bn1`` here); for the VGGs ``block1``..``block4`` before their ReLU (four layers;
   here the last BN of each block, index −2 of its ``nn.Sequential``); for MobileNetV2 the outputs of
-  ``blocks.1``, ``blocks.2``, ``blocks.4``, ``blocks.6`` (linear bottlenecks: nothing to remove). The
-  library's CIFAR ResNets add the shortcut and apply the ReLU in one functional call, so their residual
-  pre-activation is not the output of any module.
+  ``blocks.1``, ``blocks.2``, ``blocks.4``, ``blocks.6`` (linear bottlenecks: nothing to remove). Here these
+  are the module paths of :func:`lightning_kd.models.preact_names` (the zoo's parameter-free ``preact``
+  modules give the residual sums and ShuffleV2's concatenation; hooks on them equal RepDistiller's features
+  exactly, which is :class:`AB`'s default in student and teacher alike).
 - Connector :class:`ABConnectors`: per layer the identity where student and teacher maps have the same shape,
   else :class:`~lightning_kd.methods.fitnet.ConvReg` without ReLU (convolution with bias, kernel by the
   spatial sizes, PyTorch's default init, + BN); the authors' connector is a 1×1 convolution without bias
@@ -32,6 +33,25 @@ the authors' bhheo/AB_distillation code):
   (0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), momentum 0.9, weight decay 5e-4, no lr decay.
   Stage 2: the full 240-epoch schedule restarted, loss = CE alone (RepDistiller's AB term is 0 there, so its
   ``-b 1`` has no effect; ``-a 0``: no KD); the connectors are not used any more.
+
+:class:`AB` runs these two stages (``ab`` then ``task``) with the module's optimizer: stage 1 at its constant
+learning rate, stage 2 with a fresh optimizer and scheduler counted from its start. Where it differs from
+RepDistiller's code:
+
+- Stage 1 trains every student parameter and the connectors, the whole student in training mode; the
+  parameters after the deepest AB layer (classifier, MobileNetV2's and ShuffleV2's 1x1 head) get no gradient
+  and are left alone by the optimizer. RepDistiller trains only ``get_feat_modules()`` and keeps the rest of
+  the student in eval mode (``model_s.eval()``, then ``train()`` on those modules): for the WRNs that list
+  leaves out the final ``bn1``, whose output is the third AB layer, so there that BN stays at its
+  initialisation (an identity, its statistics frozen) for the 30 epochs, and AB pushes the raw ``block3``
+  output instead; here it learns. The 1x1 heads of MobileNetV2/ShuffleV2 also keep their initial BatchNorm
+  statistics through RepDistiller's stage 1 (here they follow the batches; stage 2 trains them either way).
+- RepDistiller's WRNs compute their pre-activations by calling ``block2.layer[0].bn1``, ``block3.layer[0].bn1``
+  and ``bn1`` a second time on the stage outputs, so in training mode (stage 1 and, as ``preact=True`` stays on
+  for AB, all of stage 2) those BNs' running statistics move twice per step (momentum 0.19 instead of 0.1);
+  hooks here read the one forward pass (the same values, statistics moved once).
+- Stage 2 builds its optimizer without the connectors (RepDistiller's does not hold them either) and runs the
+  teacher only when ``kd_weight`` > 0.
 """
 from __future__ import annotations
 
@@ -41,8 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import check_range
+from lightning_kd.core import Stage, Step, check_range
+from lightning_kd.methods.feature_distillation import FeatureDistillation
 from lightning_kd.methods.fitnet import ConvReg, feature_shape
+from lightning_kd.models import preact_names
 
 
 def ab_layer_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -110,3 +132,73 @@ class ABConnectors(nn.Module):
         if len(features) != len(self.connectors):
             raise ValueError(f"ABConnectors holds {len(self.connectors)} connectors, got {len(features)} features")
         return [connector(feature) for connector, feature in zip(self.connectors, features)]
+
+
+class AB(FeatureDistillation):
+    """AB: the student's pre-activations, through connectors, learn on which side of zero the teacher's lie; then
+    the task loss trains the student.
+
+    Two stages, as RepDistiller runs it: ``ab`` (``stage1_epochs`` epochs, the optimizer's constant learning rate,
+    the teacher runs) minimises ab_weight·:func:`ab_loss` of the connected student layers against the teacher's,
+    training the connectors (:class:`ABConnectors`, owned: sized in ``__init__`` from the layers' shapes,
+    checkpointed, left out of export) and the student; ``task`` minimises the task loss alone (CE, optionally
+    + KD: :class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) with a fresh optimizer (the
+    student's parameters only) and the full schedule counted from its start, running the teacher only when KD
+    needs it. Layers default to :func:`lightning_kd.models.preact_names` of each network (RepDistiller's
+    ``feat[1:-1]`` with ``preact=True``); layers named in the config should be pre-activation outputs too, as
+    the teacher's sign marks the activation boundary.
+
+    Args:
+        margin: the margin μ ≥ 0 of the alternative loss (RepDistiller: 1).
+        ab_weight: weight of the AB term in stage 1 (RepDistiller: 1).
+        stage1_epochs: epochs of the ``ab`` stage (RepDistiller's ``--init_epochs``: 30).
+        **kwargs: ``student_layers``/``teacher_layers`` (equal counts; a student map is connected to its
+            teacher map by the identity or a convolution + BN, see :class:`ABConnectors`),
+            ``ce_weight``/``kd_weight``/``temperature`` of stage 2, ``image_size`` and the base arguments.
+    """
+
+    def __init__(self, margin: float = 1.0, ab_weight: float = 1.0, stage1_epochs: int = 30, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_range("margin", margin, 0.0)
+        check_range("ab_weight", ab_weight, 0.0, low_open=True)
+        check_range("stage1_epochs", stage1_epochs, 0)
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("AB needs a task loss after its first stage: ce_weight or kd_weight must be > 0")
+        self.margin = margin
+        self.ab_weight = ab_weight
+        self.stage1_epochs = stage1_epochs
+        student, teacher = self.feature_shapes()
+        try:
+            self.connectors = ABConnectors(student, teacher)
+        except ValueError:  # name the pair that cannot be connected
+            for s_name, t_name, s_shape, t_shape in zip(self.student_layers, self.teacher_layers, student, teacher):
+                try:
+                    ABConnectors([s_shape], [t_shape])
+                except ValueError as error:
+                    raise ValueError(
+                        f"AB cannot connect student layer {s_name!r} {s_shape} to teacher layer {t_name!r} "
+                        f"{t_shape}: {error}. Name (C, H, W) pre-activation layers of compatible sizes in "
+                        "model.student_layers / model.teacher_layers"
+                    ) from None
+            raise
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        """The pre-activation output of every stage (:func:`lightning_kd.models.preact_names`)."""
+        return preact_names(network)
+
+    def training_stages(self) -> list[Stage]:
+        return [Stage("ab", epochs=self.stage1_epochs, constant_lr=True), Stage("task", teacher=self.kd_weight > 0)]
+
+    def trainable_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        """Stage ``ab``: the student's and the connectors' parameters; ``task``: the student's alone."""
+        if stage.name == "ab":
+            return super().trainable_parameters(stage)
+        return [
+            p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("teacher.", "connectors."))
+        ]
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        if self.stage.name == "task":
+            return self.task_terms(step)
+        student, teacher = zip(*self.paired_features(step))
+        return {"ab": self.ab_weight * ab_loss(self.connectors(student), teacher, self.margin)}

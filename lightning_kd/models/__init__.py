@@ -5,7 +5,8 @@ megvii-research/mdistiller) with identical parameter names, shapes and forward
 semantics, so their published CIFAR-100 teacher checkpoints load with
 ``load_state_dict(..., strict=True)``. Zoo models return plain logits from
 ``forward(x)``; intermediate features are taken with forward hooks on the
-module paths in ``stage_names``.
+module paths in ``stage_names`` (stage outputs) and ``preact_names`` (the
+stages' pre-activations, for AB and OFD).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .shufflenetv2 import ShuffleV2
 from .vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
-__all__ = ["ZOO", "get_model", "list_models", "stage_names"]
+__all__ = ["ZOO", "get_model", "list_models", "preact_names", "stage_names"]
 
 #: Zoo name (exact case, as in RepDistiller) -> constructor ``f(num_classes) -> nn.Module``.
 ZOO: dict[str, Callable[..., nn.Module]] = {
@@ -130,3 +131,25 @@ def stage_names(model: nn.Module) -> list[str]:
     raise ValueError(
         f"{type(model).__name__} has no default stages: name its stage module paths (as in "
         f"named_modules()) in the config. Its top-level children are: {shown}")
+
+
+def preact_names(model: nn.Module) -> list[str]:
+    """Module paths whose outputs are the stages' pre-activations (before the ReLU that ends each stage), in
+    depth order.
+
+    These are the features RepDistiller returns with ``is_feat=True, preact=True`` (its ``feat[1:-1]``, which AB
+    distils) and mdistiller's ``preact_feats[1:]`` (which OFD distils), module by module: the last block's
+    residual sum (``preact``) for the CIFAR ResNets, ResNet50 and ShuffleV1; the unshuffled concatenation
+    (``preact``) for ShuffleV2; the BN that opens the next stage, or the final BN, for the WRNs; the last BN of
+    ``block1``..``block4`` for the VGGs; the outputs of ``blocks.1/2/4/6`` (linear bottlenecks) for MobileNetV2.
+    Uses the model's ``preact_names`` attribute (all zoo models have one); other models must name their layers.
+    """
+    names = getattr(model, "preact_names", None)
+    if names is not None:
+        return list(names)
+    raise ValueError(
+        f"{type(model).__name__} has no default pre-activation layers: name the module paths (as in "
+        "named_modules()) whose outputs are its stages' pre-activations in the config. A pre-activation that is "
+        "not any module's output (e.g. a residual sum followed by an in-place ReLU) needs a module such as "
+        "nn.Identity around it"
+    )

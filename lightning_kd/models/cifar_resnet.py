@@ -8,9 +8,12 @@ Representation Distillation", ICLR 2020) and megvii-research/mdistiller.
 Parameter names, shapes and forward semantics match RepDistiller's
 ``models/resnet.py`` so that its published checkpoints load with
 ``strict=True`` and reproduce their logits. Differences: ``forward`` returns
-logits only (take features with forward hooks on ``stage_names``), and global
-pooling is adaptive, which equals RepDistiller's ``AvgPool2d(8)`` on the 8x8
-map of a 32x32 input.
+logits only (take features with forward hooks on ``stage_names``, or on
+``preact_names`` for the pre-ReLU stage outputs), and global pooling is
+adaptive, which equals RepDistiller's ``AvgPool2d(8)`` on the 8x8 map of a
+32x32 input. Each block's residual sum, before its final ReLU, is the output
+of the parameter-free ``preact`` module (``nn.Identity``): no state_dict key
+or output changes.
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, add the (projected) input, ReLU (post-activation)."""
+    """conv3x3-BN-ReLU-conv3x3-BN, add the (projected) input, ReLU (post-activation).
+
+    ``preact`` (identity) outputs the residual sum before the final ReLU: RepDistiller's ``preact``.
+    """
 
     expansion = 1
 
@@ -41,13 +47,14 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
+        self.preact = nn.Identity()  # hook point of the pre-ReLU sum; no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        # Out of place, so hooks on bn2 keep the un-summed tensor.
-        return F.relu(out + shortcut)
+        # Out of place, so hooks on bn2 keep the un-summed tensor and hooks on preact the pre-ReLU sum.
+        return F.relu(self.preact(out + shortcut))
 
 
 class CifarResNet(nn.Module):
@@ -59,6 +66,11 @@ class CifarResNet(nn.Module):
 
     # Stage ends; 'layer3' output (post-ReLU) is the final map before pooling.
     stage_names = ("layer1", "layer2", "layer3")
+
+    @property
+    def preact_names(self) -> tuple[str, ...]:
+        """The stages' outputs before their final ReLU: the last block's residual sum (``layerK.<last>.preact``)."""
+        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
 
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100) -> None:
         super().__init__()

@@ -5,7 +5,9 @@ He et al., "Deep Residual Learning for Image Recognition", CVPR 2016: the
 with the CIFAR stem of kuangliu/pytorch-cifar (3x3 stride-1 conv, no max-pool),
 as in HobbitLong/RepDistiller ``models/resnetv2.py`` (Tian et al., ICLR 2020)
 and mdistiller. Names, shapes and forward semantics match RepDistiller so its
-checkpoints load with ``strict=True``; ``forward`` returns logits only.
+checkpoints load with ``strict=True``; ``forward`` returns logits only. Each
+block's residual sum, before its final ReLU, is the output of the
+parameter-free ``preact`` module (``nn.Identity``; see ``preact_names``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ __all__ = ["ImageNetStyleResNet", "ResNet50"]
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce - 3x3 (strided) - 1x1 expand (x4), each with BN; add shortcut; ReLU."""
+    """1x1 reduce - 3x3 (strided) - 1x1 expand (x4), each with BN; add shortcut; ReLU.
+
+    ``preact`` (identity) outputs the residual sum before the final ReLU: RepDistiller's ``preact``.
+    """
 
     expansion = 4
 
@@ -36,12 +41,13 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_planes),
             )
+        self.preact = nn.Identity()  # hook point of the pre-ReLU sum; no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class ImageNetStyleResNet(nn.Module):
@@ -49,6 +55,11 @@ class ImageNetStyleResNet(nn.Module):
 
     # Stage ends; 'layer4' output (post-ReLU, 4x4 for 32x32 input) is the final pre-pool map.
     stage_names = ("layer1", "layer2", "layer3", "layer4")
+
+    @property
+    def preact_names(self) -> tuple[str, ...]:
+        """The stages' outputs before their final ReLU: the last block's residual sum (``layerK.<last>.preact``)."""
+        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
 
     def __init__(self, num_blocks: list[int], num_classes: int = 100) -> None:
         super().__init__()

@@ -57,6 +57,10 @@ class MobileNetV2(nn.Module):
     # last block before each stride-2 block, then 'conv2', the 1x1-BN-ReLU head
     # whose output is the post-activation final map before pooling.
     stage_names = ("blocks.1", "blocks.2", "blocks.4", "conv2")
+    # RepDistiller's features for AB (``is_feat`` with or without ``preact``; mdistiller's ``feats``): the outputs
+    # of blocks 1, 2, 4 and 6. Inverted residuals end with a linear (BN, no ReLU) projection, so these are
+    # pre-activation already.
+    preact_names = ("blocks.1", "blocks.2", "blocks.4", "blocks.6")
 
     def __init__(self, expand_ratio: int = 6, num_classes: int = 100, width_mult: float = 1.0) -> None:
         super().__init__()

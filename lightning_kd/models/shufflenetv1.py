@@ -7,7 +7,9 @@ used by HobbitLong/RepDistiller ``models/ShuffleNetv1.py`` (Tian et al., ICLR
 that each start with a stride-2 concat unit. Names, shapes and forward
 semantics match RepDistiller so its checkpoints load with ``strict=True``;
 ``forward`` returns logits only and pooling is adaptive (equal to
-RepDistiller's ``avg_pool2d(4)`` on a 32x32 input).
+RepDistiller's ``avg_pool2d(4)`` on a 32x32 input). Each unit's merged output
+before its ReLU is the output of the parameter-free ``preact`` module
+(``nn.Identity``; see ``preact_names``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ class Bottleneck(nn.Module):
     """ShuffleNet unit: 1x1 group conv-BN-ReLU, shuffle, 3x3 depthwise-BN, 1x1 group conv-BN.
 
     Stride 1 adds the input; stride 2 concatenates a 3x3 avg-pooled input (so
-    ``out_planes`` is the residual branch's width only). ReLU after the merge.
+    ``out_planes`` is the residual branch's width only). ReLU after the merge;
+    ``preact`` (identity) outputs the merge before it (RepDistiller's ``preact``).
     The first pointwise conv of the network (24 input channels) is not grouped.
     """
 
@@ -55,6 +58,7 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()  # identity
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
+        self.preact = nn.Identity()  # hook point of the pre-ReLU merge; no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -62,7 +66,7 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        out = torch.cat([out, res], 1) if self.stride == 2 else out + res
+        out = self.preact(torch.cat([out, res], 1) if self.stride == 2 else out + res)
         return F.relu(out)
 
 
@@ -71,6 +75,11 @@ class ShuffleNetV1(nn.Module):
 
     # Stage ends; 'layer3' output (post-ReLU) is the final map before pooling.
     stage_names = ("layer1", "layer2", "layer3")
+
+    @property
+    def preact_names(self) -> tuple[str, ...]:
+        """The stages' outputs before their final ReLU: the last unit's merge (``layerK.<last>.preact``)."""
+        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
 
     def __init__(self, out_planes: list[int], num_blocks: list[int], groups: int,
                  num_classes: int = 100) -> None:

@@ -8,7 +8,10 @@ also mdistiller): a 1x1 stride-1 stem (no max-pool), stages of widths
 conv to 1024 channels. Names, shapes and forward semantics match RepDistiller
 so its checkpoints load with ``strict=True``; ``forward`` returns logits only
 and pooling is adaptive (equal to RepDistiller's ``avg_pool2d(4)`` on a 32x32
-input).
+input). Each basic unit's pre-activation, as RepDistiller defines it (the
+pass-through half concatenated with the branch's last BN output, before the
+ReLU and the channel shuffle), is the output of the parameter-free ``preact``
+module (``nn.Identity``; see ``preact_names``).
 """
 from __future__ import annotations
 
@@ -45,7 +48,12 @@ class SplitBlock(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Stride-1 unit: split; second half 1x1-BN-ReLU, 3x3 dw-BN, 1x1-BN-ReLU; concat with first half; shuffle."""
+    """Stride-1 unit: split; second half 1x1-BN-ReLU, 3x3 dw-BN, 1x1-BN-ReLU; concat with first half; shuffle.
+
+    ``preact`` (identity) outputs RepDistiller's ``preact``: the first half concatenated with the last BN's
+    output, before the ReLU and unshuffled. That concatenation is computed for the hook only; the unit's output
+    is computed exactly as without it.
+    """
 
     def __init__(self, in_channels: int, split_ratio: float = 0.5) -> None:
         super().__init__()
@@ -58,12 +66,15 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ShuffleBlock()
+        self.preact = nn.Identity()  # hook point of the pre-ReLU concatenation; no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.split(x)
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
+        pre = self.bn3(self.conv3(out))
+        self.preact(torch.cat([x1, pre], 1))  # for hooks only (freed at once when none holds it)
+        out = F.relu(pre)
         return self.shuffle(torch.cat([x1, out], 1))
 
 
@@ -104,6 +115,11 @@ class ShuffleNetV2(nn.Module):
     # layer3 -> conv2 -> bn2, whose output is the post-activation final map
     # before pooling (a hook on 'layer3' still gives the last stage's own output).
     stage_names = ("layer1", "layer2", "relu2")
+
+    @property
+    def preact_names(self) -> tuple[str, ...]:
+        """The stages' pre-activations (RepDistiller's): the last basic unit's ``preact`` of each stage."""
+        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in ("layer1", "layer2", "layer3"))
 
     def __init__(self, out_channels: list[int], num_blocks: list[int], num_classes: int = 100) -> None:
         super().__init__()

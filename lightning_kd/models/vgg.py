@@ -52,6 +52,12 @@ class VGG(nn.Module):
     # The five conv blocks (post-ReLU outputs); 'block4' is the final pre-pool map.
     stage_names = ("block0", "block1", "block2", "block3", "block4")
 
+    @property
+    def preact_names(self) -> tuple[str, ...]:
+        """RepDistiller's pre-activations: the last BN of ``block1``..``block4`` (``blockK.<len - 2>``), before the
+        block's final ReLU (not ``block0``: RepDistiller's first feature is always post-ReLU)."""
+        return tuple(f"block{i}.{len(getattr(self, f'block{i}')) - 2}" for i in range(1, 5))
+
     def __init__(self, cfg: list[list[int]], num_classes: int = 100) -> None:
         super().__init__()
         self.block0 = make_block(cfg[0], 3)

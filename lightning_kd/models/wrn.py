@@ -6,7 +6,10 @@ BN-ReLU before pooling. Follows HobbitLong/RepDistiller ``models/wrn.py``
 (Tian et al., ICLR 2020; also mdistiller): names, shapes and forward semantics
 match so its checkpoints load with ``strict=True`` and reproduce its logits.
 ``forward`` returns logits only; pooling is adaptive (equal to RepDistiller's
-``avg_pool2d(8)`` on a 32x32 input).
+``avg_pool2d(8)`` on a 32x32 input). A stage's pre-activation (RepDistiller's
+``preact``: the BN that opens the next stage, or the final BN, applied to the
+stage's output) is the output of that BN module (see ``preact_names``): the
+ReLUs after the blocks' first BN are out of place so that it stays intact.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ class BasicBlock(nn.Module):
 
     When the block changes width, the *activated* input feeds both the residual
     branch and the 1x1 ``convShortcut``; otherwise the raw input is the shortcut.
+    ``relu1`` is out of place: a hook on ``bn1`` sees its pre-activation output (same results and
+    memory as in place: nothing keeps the BN output for the backward pass).
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()  # not in-place: a hook on bn1 keeps the pre-activation
         self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
@@ -72,6 +77,9 @@ class WideResNet(nn.Module):
     # output is the post-activation final map before pooling (same resolution
     # as block3's raw, pre-BN output, which a hook on 'block3' still gives).
     stage_names = ("block1", "block2", "relu")
+    # The stages' pre-activations (RepDistiller's preact, also mdistiller's preact_feats and OFD's BNs): the BN
+    # that opens the next stage, or the final BN, applied to each stage's output.
+    preact_names = ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")
 
     def __init__(self, depth: int, num_classes: int = 100, widen_factor: int = 1,
                  drop_rate: float = 0.0) -> None:
