@@ -134,6 +134,10 @@ CPU_METHODS = {
     "cc": ("CC", "configs/folder/cc/resnet20-resnet8.yaml", CPU_TEACHER),
     "ft": ("FT", "configs/folder/ft/resnet20-resnet8.yaml", CPU_TEACHER),
     "crd": ("CRD", "configs/folder/crd/resnet20-resnet8.yaml", CPU_TEACHER),
+    "ab": ("AB", "configs/folder/ab/resnet20-resnet8.yaml", CPU_TEACHER),
+    "vid": ("VID", "configs/folder/vid/resnet20-resnet8.yaml", CPU_TEACHER),
+    "ofd": ("OFD", "configs/folder/ofd/resnet20-resnet8.yaml", CPU_TEACHER),
+    "reviewkd": ("ReviewKD", "configs/folder/reviewkd/resnet20-resnet8.yaml", CPU_TEACHER),
     "cskd": ("CS-KD", "configs/folder/cskd/resnet8.yaml", None),
     "byot": ("BYOT", "configs/folder/byot/resnet8.yaml", None),
     "msd": ("MSD", "configs/folder/msd/resnet8.yaml", None),
@@ -157,7 +161,7 @@ def cosine_schedule(epochs: int) -> list[str]:
 def cpu_schedule(method: str, args) -> tuple[int, list[str]]:
     """Epochs of a student run and the overrides that set its schedule (and UNIX's k and b for the batch size)."""
     epochs = args.epochs
-    first_stage = {"fsp": "stage1_epochs", "ft": "paraphrase_epochs"}.get(method)
+    first_stage = {"fsp": "stage1_epochs", "ft": "paraphrase_epochs", "ab": "stage1_epochs"}.get(method)
     if first_stage:  # one epoch of the first stage, then the others' schedule (restarted by the stage change)
         return epochs + 1, [
             "--trainer.max_epochs", str(epochs + 1), f"--model.init_args.{first_stage}", "1",
@@ -221,7 +225,7 @@ CIFAR100_PAIRS = [("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("resnet11
 CIFAR100_PAIR_METHODS = {
     "kd": "KD", "at": "AT", "sp": "SP", "fsp": "FSP", "unix": "UNIX KD", "dkd": "DKD", "dist": "DIST",
     "lsd": "KD + logit standardization", "fitnet": "FitNet", "nst": "NST", "pkt": "PKT", "rkd": "RKD", "cc": "CC",
-    "ft": "FT", "crd": "CRD",
+    "ft": "FT", "crd": "CRD", "ab": "AB", "vid": "VID", "ofd": "OFD", "reviewkd": "ReviewKD",
 }
 # method -> (label, config, teacher run) of the methods with one config outside the five pairs
 CIFAR100_OTHERS = {

@@ -18,7 +18,17 @@ from lightning_kd.methods.kd import KD, kd_loss
 from lightning_kd.methods.logit_standardization import LogitStandardization, logit_standardized_kd_loss, standardize
 from lightning_kd.methods.msd import MSD, msd_loss
 from lightning_kd.methods.nst import NST, nst_loss
+from lightning_kd.methods.ofd import (
+    OFD,
+    OFDConnector,
+    margin_from_batchnorm,
+    ofd_loss,
+    ofd_margin,
+    ofd_stage_weights,
+    producing_batchnorm,
+)
 from lightning_kd.methods.pkt import PKT, cosine_probabilities, pkt_loss
+from lightning_kd.methods.reviewkd import ABF, ReviewKD, ReviewKDFusion, hcl_loss, pooled_layer
 from lightning_kd.methods.rkd import RKD, pairwise_distances, rkd_angle_loss, rkd_distance_loss, rkd_loss
 from lightning_kd.methods.sp import SP, similarity_matrix, sp_loss
 from lightning_kd.methods.tfkd import (
@@ -51,4 +61,7 @@ __all__ = [
     "ActiveMixup", "least_confident_mixes", "soft_target_loss",
     "UNIXKD", "uncertainty", "unix_loss_terms", "unix_mix_weights",
     "VID", "vid_loss", "VIDRegressor",
+    "OFD", "ofd_loss", "ofd_margin", "margin_from_batchnorm", "ofd_stage_weights", "OFDConnector",
+    "producing_batchnorm",
+    "ReviewKD", "hcl_loss", "ABF", "ReviewKDFusion", "pooled_layer",
 ]

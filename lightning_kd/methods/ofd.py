@@ -8,9 +8,10 @@ connector r (1×1 conv + BN) and is compared with the teacher's pre-ReLU feature
 target is non-positive (S ≤ σ_m(T) ≤ 0), since the ReLU after either erases such differences (Sec. 3 of the paper;
 the margin is m_c = E[x | x < 0] for the teacher's pre-ReLU response x of channel c).
 
-What this file holds (the method's module is wired elsewhere): :func:`ofd_margin` (m from a BatchNorm's affine
-parameters), :func:`ofd_loss` (one layer's partial L2 with the margin ReLU), :func:`ofd_stage_weights` (the
-per-layer factors) and :class:`OFDConnector` (the student-side conv + BN head).
+What this file holds: :func:`ofd_margin` (m from a BatchNorm's affine parameters), :func:`ofd_loss` (one layer's
+partial L2 with the margin ReLU), :func:`ofd_stage_weights` (the per-layer factors), :class:`OFDConnector` (the
+student-side conv + BN head), :func:`producing_batchnorm` (the teacher BN whose output a pre-ReLU layer is) and
+:class:`OFD`, the method's module.
 
 Choices — the authors' CIFAR code (clovaai/overhaul-distillation ``CIFAR-100/distiller.py`` and
 ``train_with_distillation.py``) as ported by mdistiller (``mdistiller/distillers/OFD.py``, ``engine/cfg.py``,
@@ -65,12 +66,15 @@ Hyper-parameters (mdistiller CIFAR-100): CE 1, feat 1e-3, connector kernel 1; SG
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import check_range
+from lightning_kd.core import Step, check_range
+from lightning_kd.methods.feature_distillation import FeatureDistillation
+from lightning_kd.models import preact_names
 
 #: Below this probability of a negative response the margin falls back to −3σ (the authors' threshold).
 NEGATIVE_MASS_THRESHOLD = 0.001
@@ -179,3 +183,167 @@ class OFDConnector(nn.Module):
                 f"{tuple(student_features.shape)}"
             )
         return self.bn(self.conv(student_features))
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def producing_batchnorm(network: nn.Module, layer: str) -> str:
+    """Module path of the BatchNorm of ``network`` whose output the pre-ReLU layer ``layer`` is (the BN OFD's
+    margin is computed from: mdistiller's ``get_bn_before_relu``).
+
+    The rule, which gives mdistiller's BNs on every zoo family that has them:
+
+    - ``layer`` is a BatchNorm: that BN (WRNs: ``block2.layer.0.bn1``, ``block3.layer.0.bn1``, ``bn1``; VGGs: the
+      last BN of ``block1..4``).
+    - ``layer`` holds BatchNorms (a container, e.g. MobileNetV2's ``blocks.K``): the last one registered in it
+      (``blocks.K.<last>.conv.7``, the linear bottleneck's projection BN).
+    - ``layer`` is a parameter-free hook point (the zoo's ``preact`` identity on a residual sum): the last
+      BatchNorm among its parent block's direct children (CIFAR ResNets' BasicBlock ``bn2``; the Bottleneck's and
+      ShuffleV1's ``bn3``), which produces the residual branch; the shortcut is ignored, as the authors do.
+
+    Raises one ``ValueError`` where no BN is found (a ``:input`` layer, a layer at the top of the network, a block
+    without direct BatchNorm children); the caller checks the BN's width against the layer's channels (ShuffleV2's
+    ``preact`` concatenates a pass-through half with its BN's output: no single BN produces it).
+    """
+    modules = dict(network.named_modules())
+    if layer not in modules:
+        raise ValueError(
+            f"OFD looks for the BatchNorm producing the teacher layer {layer!r}, but {type(network).__name__} has no "
+            "such module; name the BN modules in model.teacher_bn_layers"
+        )
+    module = modules[layer]
+    if _is_batchnorm(module):
+        return layer
+    inner = [name for name, m in module.named_modules() if _is_batchnorm(m)]
+    if inner:
+        return f"{layer}.{inner[-1]}"
+    if next(module.parameters(), None) is None and "." in layer:
+        parent_name = layer.rsplit(".", 1)[0]
+        children = [name for name, m in modules[parent_name].named_children() if _is_batchnorm(m)]
+        if children:
+            return f"{parent_name}.{children[-1]}"
+    raise ValueError(
+        f"OFD cannot find the BatchNorm that produces the teacher layer {layer!r} of {type(network).__name__} (the "
+        "layer is no BatchNorm, holds none, and is not a parameter-free hook point in a block with BatchNorm "
+        "children); name one BN module path per teacher layer in model.teacher_bn_layers"
+    )
+
+
+class OFD(FeatureDistillation):
+    """OFD: loss = CE (+ KD) + feature_weight·Σ_i w_i·ofd_loss(r_i(S_i), T_i, m_i) over the pre-ReLU stage outputs.
+
+    Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019): every student pre-ReLU feature S_i
+    goes through an owned connector r_i (:class:`OFDConnector`, 1×1 conv + BN, in :attr:`connectors`, an
+    ``nn.ModuleList`` trained with the student, checkpointed, left out of export) and is compared with the teacher's
+    pre-ReLU feature T_i by :func:`ofd_loss` (partial L2 against the margin ReLU max(T_i, m_i)); layer i of n is
+    weighted w_i = 1/2^(n−1−i) (:func:`ofd_stage_weights`). See the module docstring for the authors' choices.
+
+    Layers: by default :func:`lightning_kd.models.preact_names` of each network, which is mdistiller's
+    ``preact_feats[1:]`` (its entry 0, the stem, is not among the zoo's ``preact_names``); where the two lists
+    differ in length they are aligned on their last entries, as mdistiller's ``_align_list`` (e.g. a VGG teacher's
+    four against a ShuffleNet's three: the teacher's last three). Named layers must output (C, H, W) maps
+    pre-ReLU; a teacher map of another spatial size is adaptive-average-pooled to the student's.
+
+    Margins: m_i = :func:`margin_from_batchnorm` of the teacher BN producing T_i, computed once in ``__init__``
+    from the loaded teacher (its affine parameters are frozen, so they never change) and registered as buffers
+    ``margin_0``, ``margin_1``, ... (checkpointed, moved with the module; :attr:`margins` lists them). The BN is
+    found by :func:`producing_batchnorm` — CIFAR ResNets (resnet8..110, resnet8x4/32x4): the last block's ``bn2``;
+    ResNet50-style Bottleneck and ShuffleV1: ``bn3``; WRNs and VGGs: the pre-activation layer is the BN itself;
+    MobileNetV2: the last block's projection BN — or named by ``teacher_bn_layers``; a BN whose width is not the
+    layer's channel count (ShuffleV2 teachers, ShuffleV1's concatenating units) is one clear error asking for
+    ``teacher_bn_layers``.
+
+    Teacher mode — a difference from the authors: their code (original and mdistiller) runs the teacher in
+    *training* mode during distillation, so its pre-ReLU features use batch statistics (and its BN running
+    statistics move, unused). This library keeps every teacher in eval mode (its BatchNorm statistics never move),
+    so here the teacher's features use its running statistics. The margins are the same either way.
+
+    Args:
+        feature_weight: weight of the summed OFD terms (mdistiller CIFAR-100: 1e-3; ImageNet 1e-4).
+        connector_kernel_size: k of the connectors' k×k convolution (odd; the authors': 1).
+        teacher_bn_layers: module paths of the teacher BatchNorms whose outputs the teacher layers are, one per
+            teacher layer, in order; default: found by :func:`producing_batchnorm`.
+        **kwargs: ``student_layers``/``teacher_layers`` (equal counts), ``ce_weight``/``kd_weight``/``temperature``
+            (mdistiller: CE 1, no KD), ``image_size`` and the base arguments.
+    """
+
+    def __init__(
+        self,
+        feature_weight: float = 1e-3,
+        connector_kernel_size: int = 1,
+        teacher_bn_layers: Optional[list[str]] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_range("feature_weight", feature_weight, 0.0, low_open=True)
+        check_range("connector_kernel_size", connector_kernel_size, 1)
+        if connector_kernel_size % 2 == 0:
+            raise ValueError(
+                f"connector_kernel_size must be odd so the map keeps its size, got {connector_kernel_size}"
+            )
+        self.feature_weight = feature_weight
+        self.connector_kernel_size = connector_kernel_size
+        student, teacher = self.feature_shapes()
+        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
+        for who, names, shapes in pairs:
+            for name, shape in zip(names, shapes):
+                if len(shape) != 3:
+                    raise ValueError(
+                        f"OFD distils (B, C, H, W) pre-ReLU feature maps, but the {who} layer {name!r} outputs "
+                        f"{shape}: name convolutional pre-activation layers"
+                    )
+        if teacher_bn_layers is None:
+            teacher_bn_layers = [producing_batchnorm(self.teacher, name) for name in self.teacher_layers]
+        teacher_bn_layers = list(teacher_bn_layers)
+        if len(teacher_bn_layers) != len(self.teacher_layers):
+            raise ValueError(
+                f"OFD needs one teacher BatchNorm per teacher layer: got {len(teacher_bn_layers)} teacher_bn_layers "
+                f"{teacher_bn_layers} for {len(self.teacher_layers)} teacher layers {self.teacher_layers}"
+            )
+        self.teacher_bn_layers = teacher_bn_layers
+        modules = dict(self.teacher.named_modules())
+        for i, (layer, bn_name, shape) in enumerate(zip(self.teacher_layers, teacher_bn_layers, teacher)):
+            bn = modules.get(bn_name)
+            if bn is None or not _is_batchnorm(bn) or bn.weight is None or bn.bias is None:
+                raise ValueError(
+                    f"OFD computes the margin of teacher layer {layer!r} from the BatchNorm {bn_name!r}, but "
+                    f"{type(self.teacher).__name__} has no affine BatchNorm at that path: name one in "
+                    "model.teacher_bn_layers"
+                )
+            if bn.num_features != shape[0]:
+                raise ValueError(
+                    f"OFD computes the margin of teacher layer {layer!r} ({shape[0]} channels) from the BatchNorm "
+                    f"{bn_name!r}, which has {bn.num_features}: no single BN produces this layer. Name a teacher "
+                    "layer that a BN outputs (with its BN in model.teacher_bn_layers)"
+                )
+            self.register_buffer(f"margin_{i}", margin_from_batchnorm(bn).detach().clone())
+        self.connectors = nn.ModuleList(
+            OFDConnector(s[0], t[0], kernel_size=connector_kernel_size) for s, t in zip(student, teacher)
+        )
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        """:func:`lightning_kd.models.preact_names` of ``network``, aligned with the other network's on the last
+        entries when their counts differ (mdistiller's ``_align_list``)."""
+        names = preact_names(network)
+        other = self.teacher if network is self.student else self.student
+        try:
+            count = len(preact_names(other))
+        except ValueError:  # the other network names its layers in the config
+            return names
+        return names[-min(len(names), count):]
+
+    @property
+    def margins(self) -> list[torch.Tensor]:
+        """The per-layer margins m_i, (C_i,) each, in pair order."""
+        return [getattr(self, f"margin_{i}") for i in range(len(self.teacher_layers))]
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        pairs = self.paired_features(step)
+        weights = ofd_stage_weights(len(pairs))
+        ofd = sum(
+            w * ofd_loss(connector(s), t, m)
+            for w, connector, (s, t), m in zip(weights, self.connectors, pairs, self.margins)
+        )
+        return {**self.task_terms(step), "ofd": self.feature_weight * ofd}

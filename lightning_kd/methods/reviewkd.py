@@ -8,9 +8,8 @@ size with a 3×3 conv + BN. Every output is compared with the teacher feature of
 hierarchical context loss (HCL): an MSE on the full map plus MSEs between spatial-pyramid poolings of the two maps
 (Sec. 3 of the paper: the review mechanism, ABF and HCL).
 
-What this file holds (the method's module is wired elsewhere): :func:`hcl_loss`, :class:`ABF` and
-:class:`ReviewKDFusion` (the chain of ABFs a ReviewKD module owns, built from the student's and teacher's feature
-shapes).
+What this file holds: :func:`hcl_loss`, :class:`ABF`, :class:`ReviewKDFusion` (the chain of ABFs a ReviewKD module
+owns, built from the student's and teacher's feature shapes) and :class:`ReviewKD`, the method's module.
 
 Choices — the authors' code (dvlab-research/ReviewKD ``CIFAR-100/model/reviewkd.py``, ``train.py``,
 ``script/reviewKD.sh``) as ported by mdistiller (``mdistiller/distillers/ReviewKD.py``, ``engine/cfg.py``,
@@ -63,7 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import check_range
+from lightning_kd.core import Step, check_range, classifier
+from lightning_kd.methods.feature_distillation import FeatureDistillation
+from lightning_kd.models import preact_names, stage_names
 
 #: Spatial-pyramid levels of the hierarchical context loss, coarsest last.
 HCL_LEVELS = (4, 2, 1)
@@ -225,3 +226,94 @@ class ReviewKDFusion(nn.Module):
             out, residual = abf(feature, residual, shape[1:])
             results.insert(0, out)
         return results
+
+
+def pooled_layer(network: nn.Module) -> str:
+    """The layer name of ``network``'s pooled penultimate feature: what its classifier receives (``fc:input``)."""
+    return f"{classifier(network)[0]}:input"
+
+
+class ReviewKD(FeatureDistillation):
+    """ReviewKD: loss = CE (+ KD) + λ·min(epoch/warmup_epochs, 1)·hcl_loss(fusion(student features), teacher
+    features).
+
+    Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021): the student's features, shallowest first
+    and its pooled vector last, go through the owned :class:`ReviewKDFusion` (:attr:`fusion`: a chain of ABFs,
+    trained with the student, checkpointed, left out of export, sized in ``__init__`` from
+    :meth:`feature_shapes`); each output is compared with the teacher feature of the same position by
+    :func:`hcl_loss`. ``epoch`` counts from 1 as mdistiller (``current_epoch + 1``: 1/20 of λ in the first epoch;
+    the original counts from 0). See the module docstring for the authors' choices.
+
+    Layers (default): student — :func:`lightning_kd.models.stage_names` + the pooled vector (``<classifier>:input``,
+    ``fc:input`` on the CIFAR ResNets/WRNs), cut to its last len(teacher layers) entries (mdistiller drops the
+    student's surplus shallow entries the same way); teacher — :func:`lightning_kd.models.preact_names` + the pooled
+    vector (mdistiller's ``preact_feats[1:] + [pooled_feat]``). The stage names give the authors' student features
+    on the CIFAR ResNets (``layer1..3``) and the VGGs (``block1..4`` after the cut); on the WRNs the authors take the
+    raw ``block1..3`` outputs (the last one before the final BN-ReLU, ``stage_names`` ends with ``relu``), on
+    ShuffleV2 ``layer3`` (not the 1024-channel head ``relu2``) and on MobileNetV2 ``blocks.6`` (not ``conv2``): name
+    those in the config (``configs/cifar100/reviewkd/wrn_40_2-wrn_16_2.yaml`` does). The teacher runs in eval mode
+    (running statistics), as every teacher in this library and as mdistiller's ``Distiller.train`` keeps it.
+
+    Args:
+        reviewkd_weight: λ (mdistiller's default 1; the authors' per pair: resnet56→20 0.6, resnet110→32 1.0,
+            resnet32x4→8x4 5.0, wrn_40_2→wrn_16_2 5.0, ShuffleV1 5.0, ShuffleV2 8.0).
+        warmup_epochs: epochs over which λ ramps up linearly (20 on CIFAR, 1 on ImageNet); 0: no warm-up.
+        mid_channels: C_mid of every ABF (default min(512, channels of the student's pooled vector)).
+        **kwargs: ``student_layers``/``teacher_layers`` (equal counts, the pooled vectors last: ``(C,)`` or
+            ``(C, H, W)`` outputs), ``ce_weight``/``kd_weight``/``temperature`` (the authors': CE 1, no KD),
+            ``image_size`` and the base arguments.
+    """
+
+    def __init__(
+        self,
+        reviewkd_weight: float = 1.0,
+        warmup_epochs: int = 20,
+        mid_channels: Optional[int] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_range("reviewkd_weight", reviewkd_weight, 0.0, low_open=True)
+        check_range("warmup_epochs", warmup_epochs, 0)
+        if mid_channels is not None:
+            check_range("mid_channels", mid_channels, 1)
+        self.reviewkd_weight = reviewkd_weight
+        self.warmup_epochs = warmup_epochs
+        student, teacher = self.feature_shapes()
+        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
+        maps: dict[str, list[tuple[int, ...]]] = {}
+        for who, names, shapes in pairs:
+            maps[who] = []
+            for name, shape in zip(names, shapes):
+                if len(shape) == 1:
+                    shape = (shape[0], 1, 1)  # the pooled vector
+                if len(shape) != 3:
+                    raise ValueError(
+                        f"ReviewKD fuses (B, C, H, W) feature maps and (B, C) pooled vectors, but the {who} layer "
+                        f"{name!r} outputs {shape}: name stage outputs and the pooled vector (e.g. 'fc:input')"
+                    )
+                maps[who].append(tuple(shape))
+        self.fusion = ReviewKDFusion(maps["student"], maps["teacher"], mid_channels)
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        """Teacher: pre-activations + pooled vector; student: stage outputs + pooled vector, cut to the teacher's
+        count (see the class docstring)."""
+        if network is self.teacher:
+            return preact_names(network) + [pooled_layer(network)]
+        names = stage_names(network) + [pooled_layer(network)]
+        try:
+            count = len(preact_names(self.teacher)) + 1
+        except ValueError:  # the teacher names its layers in the config
+            return names
+        return names[-min(len(names), count):]
+
+    def warmup_factor(self) -> float:
+        """min(epoch / warmup_epochs, 1) with epoch = ``current_epoch + 1`` (mdistiller's count from 1)."""
+        if self.warmup_epochs == 0:
+            return 1.0
+        return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        student, teacher = zip(*self.paired_features(step))
+        teacher = [t[:, :, None, None] if t.dim() == 2 else t for t in teacher]
+        hcl = hcl_loss(self.fusion(list(student)), teacher)
+        return {**self.task_terms(step), "reviewkd": self.reviewkd_weight * self.warmup_factor() * hcl}
