@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_kd.core.features import evaluation_mode
 from lightning_kd.models import get_model
 
 
@@ -305,13 +306,8 @@ def forward_flops(model: nn.Module, sample: torch.Tensor) -> int:
     Counts matrix multiplications and convolutions (a multiply-add is 2 FLOPs). The pass runs in eval mode
     under ``torch.no_grad``, so BatchNorm statistics do not move; the previous mode is restored.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(sample)
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), FlopCounterMode(display=False) as counter:
+        model(sample)
     return counter.get_total_flops()
 
 

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_kd.core import BlackBoxTeacher, DistillationModule, Step, TeacherCost, check_range, freeze
+from lightning_kd.core import (
+    BlackBoxTeacher,
+    DistillationModule,
+    Step,
+    TeacherCost,
+    check_range,
+    evaluation_mode,
+    freeze,
+)
 from lightning_kd.data import QueryPoolDataModule, mix_images
 
 
@@ -59,24 +67,19 @@ def least_confident_mixes(
     Returns:
         the indices (into ``first``/``second``) of the ``count`` least confident pairs, and their mix weights.
     """
-    was_training = student.training
-    student.eval()
     confidences, weights = [], []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(first), batch_size):
-                pairs = first[start : start + batch_size], second[start : start + batch_size]
-                confidence = torch.stack(
-                    [
-                        student(mix_images(pool, *pairs, weight.expand(len(pairs[0])))).float().softmax(-1).amax(-1)
-                        for weight in mix_weights
-                    ]
-                )  # (weights, pairs)
-                lowest, at = confidence.min(dim=0)
-                confidences.append(lowest)
-                weights.append(mix_weights[at])
-    finally:
-        student.train(was_training)
+    with evaluation_mode(student):
+        for start in range(0, len(first), batch_size):
+            pairs = first[start : start + batch_size], second[start : start + batch_size]
+            confidence = torch.stack(
+                [
+                    student(mix_images(pool, *pairs, weight.expand(len(pairs[0])))).float().softmax(-1).amax(-1)
+                    for weight in mix_weights
+                ]
+            )  # (weights, pairs)
+            lowest, at = confidence.min(dim=0)
+            confidences.append(lowest)
+            weights.append(mix_weights[at])
     chosen = torch.cat(confidences).topk(min(count, len(first)), largest=False).indices
     return chosen, torch.cat(weights)[chosen]
 
