@@ -150,7 +150,8 @@ CPU_METHODS = {
 CPU_ABLATIONS = {
     # BYOT's exits trained on the labels alone: what the auxiliary heads cost the deepest exit without distillation
     "byot_exit_ce": ("BYOT exits, CE only (α=0, λ=0)", "configs/folder/byot/resnet8.yaml", None,
-                     ["--model.init_args.alpha", "0", "--model.init_args.feature_weight", "0"]),
+                     ["--model.init_args.ce_weight", "1", "--model.init_args.kd_weight", "0",
+                      "--model.init_args.beta", "0"]),
 }
 
 

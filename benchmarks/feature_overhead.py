@@ -31,7 +31,7 @@ def variants() -> dict[str, tuple[type, dict]]:
     """Name -> (method, arguments): KD, each feature method alone and with KD's CE 0.1 + KD 0.9 added."""
     with_kd = {"ce_weight": 0.1, "kd_weight": 0.9}
     return {
-        "KD": (KD, {"alpha": 0.9, "temperature": 4.0}),
+        "KD": (KD, {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}),
         "AT": (AT, {}),
         "SP": (SP, {}),
         "FSP joint": (FSP, {"schedule": "joint"}),

@@ -223,12 +223,12 @@ def lightning_overhead(teacher: str, student: str, num_classes: int, batch: int,
     data = TensorDataset(torch.randn(steps * batch, 3, 32, 32, generator=generator),
                          torch.randint(0, num_classes, (steps * batch,), generator=generator))
     teacher_net = calibrated_teacher(teacher, num_classes, batch)
-    temperature, alpha = 4.0, 0.9
+    temperature, ce_weight, kd_weight = 4.0, 0.1, 0.9
 
     def lightning_fit() -> None:
         torch.manual_seed(0)
         module = KD(student=student, teacher=copy.deepcopy(teacher_net), num_classes=num_classes,
-                    temperature=temperature, alpha=alpha)
+                    temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
         trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              limit_val_batches=0, num_sanity_val_steps=0,
@@ -246,7 +246,7 @@ def lightning_overhead(teacher: str, student: str, num_classes: int, batch: int,
             with torch.no_grad():
                 teacher_logits = frozen(x)
             logits = network(x)
-            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * kd_loss(logits, teacher_logits, temperature)
+            loss = ce_weight * F.cross_entropy(logits, y) + kd_weight * kd_loss(logits, teacher_logits, temperature)
             loss.backward()
             optimizer.step()
         scheduler.step()

@@ -73,7 +73,7 @@ def test_default_layers_are_the_pre_activations_and_connectors_fit_the_shapes():
 
 
 def test_stage_one_objective_equals_the_loss_applied_by_hand_to_the_pre_activations():
-    module = AB(margin=0.5, ab_weight=2.0, **WIDE)
+    module = AB(margin=0.5, beta=2.0, **WIDE)
     step = step_of(module)
     terms = module.loss_terms(step.float())
     assert set(terms) == {"ab"}
@@ -194,7 +194,7 @@ def test_folder_config_fits_both_stages_through_the_cli(tiny_folder, tmp_path):
     "kwargs, message",
     [
         ({"margin": -1.0}, "margin must lie in [0.0"),
-        ({"ab_weight": 0.0}, "ab_weight must lie in (0.0"),
+        ({"beta": 0.0}, "beta must lie in (0.0"),
         ({"stage1_epochs": -1}, "stage1_epochs must lie in [0"),
         ({"ce_weight": 0.0}, "ce_weight or kd_weight must be > 0"),
         ({"kd_weight": -1.0}, "kd_weight must lie in [0.0"),

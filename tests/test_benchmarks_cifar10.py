@@ -94,7 +94,7 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert protocol.main([*arguments, "--only", "byot_exit_ce-s0", "--methods", "byot_exit_ce"]) == 0
     ablated = json.loads(results_path.read_text())["runs"]
     assert [record["name"] for record in ablated] == [*planned, "byot_exit_ce-s0"]
-    assert "--model.init_args.alpha 0 --model.init_args.feature_weight 0" in ablated[-1]["commands"][0]
+    assert "--model.init_args.ce_weight 1 --model.init_args.kd_weight 0 --model.init_args.beta 0" in ablated[-1]["commands"][0]
 
     # A sitting with other seeds records its runs after the protocol's, not first.
     assert protocol.main([*arguments, "--methods", "lsr", "--seeds", "1"]) == 0

@@ -102,7 +102,7 @@ def test_terms_are_weighted_and_kd_is_added_from_the_arguments():
     assert terms["ce"].item() == pytest.approx(
         0.1 * torch.nn.functional.cross_entropy(step.student_logits, step.targets).item())
 
-    sp = SP(gamma=5.0, **PAIR)
+    sp = SP(beta=5.0, **PAIR)
     step = step_with_features(sp)
     terms = sp.loss_terms(step)
     assert set(terms) == {"ce", "sp"}
@@ -184,11 +184,12 @@ def test_unknown_layer_fails_at_setup():
     [
         (AT, {"beta": -1.0}, "beta must lie in [0.0"),
         (AT, {"p": 0.0}, "p must lie in (0.0"),
-        (SP, {"gamma": -1.0}, "gamma must lie in [0.0"),
+        (SP, {"beta": -1.0}, "beta must lie in [0.0"),
+        (SP, {"gamma": 1.0, "beta": 2.0}, "SP: gamma is the deprecated name of beta; give beta only"),
         (SP, {"kd_weight": -0.5}, "kd_weight must lie in [0.0"),
         (AT, {"ce_weight": -0.5}, "ce_weight must lie in [0.0"),
         (AT, {"temperature": 0.0}, "temperature must lie in (0.0"),
-        (FSP, {"fsp_weight": 0.0}, "fsp_weight must lie in (0.0"),
+        (FSP, {"beta": 0.0}, "beta must lie in (0.0"),
         (FSP, {"stage1_epochs": -1}, "stage1_epochs must lie in [0"),
         (FSP, {"schedule": "both"}, "schedule must be one of 'two_stage', 'joint'; got 'both'"),
         (FSP, {"ce_weight": 0.0}, "ce_weight or kd_weight must be > 0"),

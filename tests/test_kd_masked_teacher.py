@@ -45,6 +45,7 @@ def test_a_nan_teacher_still_gives_nan():
 
 
 def test_kd_module_term_is_finite_with_a_masked_teacher():
-    module = KD(student="resnet8", teacher="resnet8", num_classes=3, temperature=1.0, alpha=1.0)
+    module = KD(student="resnet8", teacher="resnet8", num_classes=3, temperature=1.0, ce_weight=0.0,
+                kd_weight=1.0)
     step = Step(torch.zeros(1), torch.tensor([0]), torch.zeros(1, 3), torch.tensor([[0.0, 0.0, -INF]]))
     assert module.loss_terms(step)["kd"].item() == pytest.approx(math.log(1.5), rel=1e-6)

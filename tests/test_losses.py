@@ -34,7 +34,8 @@ def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
 
 
 def test_kd_module_weights_ce_and_kd_terms():
-    module = KD(student="resnet8", teacher="resnet8", num_classes=3, temperature=2.0, alpha=0.75)
+    module = KD(student="resnet8", teacher="resnet8", num_classes=3, temperature=2.0, ce_weight=0.25,
+                kd_weight=0.75)
     s, t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[2.0, 1.0, 0.0]])
     y = torch.tensor([1])
     terms = module.loss_terms(Step(torch.zeros(1), y, s, t))
@@ -57,8 +58,10 @@ def test_baseline_is_cross_entropy():
     [
         ({"temperature": 0.0}, "temperature must lie in (0.0"),
         ({"temperature": -1.0}, "temperature must lie in (0.0"),
-        ({"alpha": 1.5}, "alpha must lie in [0.0, 1.0], got 1.5"),
-        ({"alpha": -0.1}, "alpha must lie in [0.0, 1.0], got -0.1"),
+        ({"kd_weight": -0.1}, "kd_weight must lie in [0.0, inf], got -0.1"),
+        ({"ce_weight": -0.1}, "ce_weight must lie in [0.0, inf], got -0.1"),
+        ({"alpha": 1.5}, "alpha must lie in [0.0, 1.0], got 1.5"),  # the deprecated name
+        ({"alpha": 0.5, "ce_weight": 0.2}, "KD: alpha is the deprecated form of ce_weight = 1 - alpha"),
     ],
 )
 def test_kd_rejects_bad_hyper_parameters(kwargs, message):

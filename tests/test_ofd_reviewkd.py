@@ -103,8 +103,8 @@ def test_producing_batchnorm_of_every_zoo_family(network, expected):
     assert [producing_batchnorm(model, name) for name in model.preact_names] == expected
 
 
-def test_the_objective_is_ce_plus_kd_plus_feature_weight_times_the_weighted_ofd_terms():
-    module = ofd(feature_weight=0.01, kd_weight=0.5)
+def test_the_objective_is_ce_plus_kd_plus_beta_times_the_weighted_ofd_terms():
+    module = ofd(beta=0.01, kd_weight=0.5)
     step, terms = hooked_step(module)
     assert set(terms) == {"ce", "kd", "ofd"}
     assert set(step.student_features) == set(STUDENT_PREACTS)
@@ -171,8 +171,8 @@ def test_explicit_teacher_bn_layers_are_used():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"feature_weight": 0.0}, "feature_weight"),
-        ({"feature_weight": -1.0}, "feature_weight"),
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
         ({"connector_kernel_size": 2}, "odd"),
         ({"connector_kernel_size": 0}, "connector_kernel_size"),
         ({"teacher_bn_layers": ["layer1.2.bn2"]}, "one teacher BatchNorm per teacher layer"),
@@ -223,7 +223,7 @@ def test_reviewkd_default_layers_and_fusion_sized_from_the_shapes():
 
 
 def test_the_objective_is_ce_plus_warmed_up_lambda_times_hcl_of_the_fused_features(monkeypatch):
-    module = reviewkd(reviewkd_weight=0.6, kd_weight=0.5, mid_channels=24)
+    module = reviewkd(beta=0.6, kd_weight=0.5, mid_channels=24)
     at_epoch(monkeypatch, 4)  # the fifth epoch: factor 5/20
     step, terms = hooked_step(module)
     assert set(terms) == {"ce", "kd", "reviewkd"}
@@ -272,7 +272,7 @@ def test_reviewkd_gradients_reach_the_student_and_the_fusion_never_the_teacher()
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"reviewkd_weight": 0.0}, "reviewkd_weight"),
+        ({"beta": 0.0}, "beta"),
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"mid_channels": 0}, "mid_channels"),
         ({"student_layers": ["layer1", "fc:input"]}, "pairs"),

@@ -91,7 +91,8 @@ def test_cskd_loss_by_hand():
 def test_byot_loss_by_hand():
     exit_logits = torch.tensor([[[0.0, 0.0]], [[LN3, 0.0]]], requires_grad=True)  # shallow (1/2, 1/2), deep (3/4, 1/4)
     exit_features = torch.tensor([[[1.0, 3.0]], [[0.0, 1.0]]], requires_grad=True)
-    terms = byot_loss(exit_logits, exit_features, torch.tensor([0]), alpha=0.25, temperature=1.0, feature_weight=0.1)
+    terms = byot_loss(exit_logits, exit_features, torch.tensor([0]), ce_weight=0.75, kd_weight=0.25,
+                      temperature=1.0, beta=0.1)
     assert terms["ce"].item() == pytest.approx(0.75 * (math.log(2) + math.log(4 / 3)), rel=1e-6)
     assert terms["kd"].item() == pytest.approx(0.25 * kl([0.75, 0.25], [0.5, 0.5]), rel=1e-6)
     assert terms["hint"].item() == pytest.approx(0.1 * (1**2 + 2**2) / 2, rel=1e-6)
@@ -104,7 +105,8 @@ def test_msd_loss_by_hand():
     exit_logits = torch.tensor([[[0.0, 0.0]], [[LN3, 0.0]], [[0.0, LN3]]], requires_grad=True)
     p = [[0.5, 0.5], [0.75, 0.25], [0.25, 0.75]]
     exit_features = torch.tensor([[[1.0]], [[2.0]], [[4.0]]])
-    terms = msd_loss(exit_logits, exit_features, torch.tensor([1]), alpha=0.5, temperature=1.0, feature_weight=1.0)
+    terms = msd_loss(exit_logits, exit_features, torch.tensor([1]), ce_weight=0.5, kd_weight=0.5,
+                     temperature=1.0, beta=1.0)
     assert terms["ce"].item() == pytest.approx(0.5 * -(math.log(0.5) + math.log(0.25) + math.log(0.75)), rel=1e-6)
     mutual = sum(kl(p[j], p[i]) for i in range(3) for j in range(3) if j != i) / 2
     assert terms["kd"].item() == pytest.approx(0.5 * mutual, rel=1e-6)
@@ -129,12 +131,15 @@ def test_dml_loss_by_hand():
     "cls, kwargs, pattern",
     [
         (CSKD, {"temperature": 0.0}, "temperature must lie in"),
-        (CSKD, {"cls_weight": -1.0}, "cls_weight must lie in"),
-        (BYOT, {"alpha": 1.5}, "alpha must lie in"),
+        (CSKD, {"kd_weight": -1.0}, "kd_weight must lie in"),
+        (BYOT, {"alpha": 1.5}, "alpha must lie in"),  # the deprecated name is checked too
+        (BYOT, {"kd_weight": -1.0}, "kd_weight must lie in"),
+        (BYOT, {"alpha": 0.5, "kd_weight": 0.5}, "alpha is the deprecated form of ce_weight = 1 - alpha"),
         (BYOT, {"stages": ["layer3"]}, "at least 2 stages"),
         (BYOT, {"stages": ["layer1", "fc"]}, r"Stage 'fc' outputs shape \(10,\)"),
         (BYOT, {"stages": ["layer1", "layer9"]}, "Unknown student layer 'layer9'"),
-        (MSD, {"feature_weight": -0.1}, "feature_weight must lie in"),
+        (MSD, {"beta": -0.1}, "beta must lie in"),
+        (MSD, {"feature_weight": 0.1, "beta": 0.2}, "feature_weight is the deprecated name of beta; give beta only"),
         (DML, {"peers": []}, "at least one peer"),
     ],
 )

@@ -117,7 +117,8 @@ def test_label_smoothing_loss_matches_hand_computation():
 
 # --- the modules ---------------------------------------------------------------------------------------------
 def test_tfkd_reg_module_weights_its_terms_and_has_no_teacher():
-    module = TfKDReg(student="resnet8", num_classes=4, correct_prob=0.7, temperature=2.0, alpha=0.25,
+    module = TfKDReg(student="resnet8", num_classes=4, correct_prob=0.7, temperature=2.0, ce_weight=0.75,
+                     kd_weight=0.25,
                      multiplier=3.0, soften="logits", reduction="batchmean")
     assert module.teacher is None
     terms = module.loss_terms(Step(torch.zeros(2), torch.tensor(LABELS), torch.tensor(STUDENT)))
@@ -129,7 +130,8 @@ def test_tfkd_reg_module_weights_its_terms_and_has_no_teacher():
 
 
 def test_tfkd_self_module_weights_its_terms():
-    module = TfKDSelf(student="resnet8", teacher="resnet8", num_classes=4, temperature=3.0, alpha=0.8,
+    module = TfKDSelf(student="resnet8", teacher="resnet8", num_classes=4, temperature=3.0, ce_weight=0.2,
+                      kd_weight=0.8,
                       multiplier=5.0, reduction="mean")
     step = Step(torch.zeros(2), torch.tensor(LABELS), torch.tensor(STUDENT), torch.tensor(TEACHER))
     terms = module.loss_terms(step)
@@ -157,9 +159,10 @@ def test_label_smoothing_module_has_one_term():
         ({"correct_prob": 1.01}, "correct_prob must lie in (0.1, 1.0], got 1.01"),
         ({"temperature": 0.0}, "temperature must lie in (0.0"),
         ({"alpha": 1.5}, "alpha must lie in [0.0, 1.0], got 1.5"),
+        ({"kd_weight": -1.0}, "kd_weight must lie in [0.0, inf], got -1.0"),
         ({"multiplier": -1.0}, "multiplier must lie in [0.0, inf], got -1.0"),
-        ({"soften": "student"}, "soften must be one of 'probabilities', 'logits', got 'student'"),
-        ({"reduction": "sum"}, "reduction must be one of 'mean', 'batchmean', got 'sum'"),
+        ({"soften": "student"}, "soften must be one of 'probabilities', 'logits'; got 'student'"),
+        ({"reduction": "sum"}, "reduction must be one of 'mean', 'batchmean'; got 'sum'"),
     ],
 )
 def test_tfkd_reg_rejects_bad_hyper_parameters(kwargs, message):
@@ -173,8 +176,9 @@ def test_tfkd_reg_rejects_bad_hyper_parameters(kwargs, message):
     [
         ({"temperature": -1.0}, "temperature must lie in (0.0"),
         ({"alpha": -0.1}, "alpha must lie in [0.0, 1.0], got -0.1"),
+        ({"ce_weight": -0.1}, "ce_weight must lie in [0.0, inf], got -0.1"),
         ({"multiplier": -2.0}, "multiplier must lie in [0.0, inf], got -2.0"),
-        ({"reduction": "none"}, "reduction must be one of 'mean', 'batchmean', got 'none'"),
+        ({"reduction": "none"}, "reduction must be one of 'mean', 'batchmean'; got 'none'"),
     ],
 )
 def test_tfkd_self_rejects_bad_hyper_parameters(kwargs, message):

@@ -108,13 +108,13 @@ def test_resume_refuses_every_setting_that_differs_from_the_checkpoint(tiny_fold
     teacher = teacher_run / "checkpoints" / "last.ckpt"
     kd(tiny_folder, tmp_path, teacher)
     resume = f"--ckpt_path={tmp_path}/checkpoints/last.ckpt"
-    with pytest.raises(ValueError, match=r"other model settings .*\n  model.init_args.alpha: checkpoint 0.9, given 0.1\n"):
-        kd(tiny_folder, tmp_path, teacher, resume, "--model.alpha=0.1", epochs=2)
+    with pytest.raises(ValueError, match=r"other model settings .*\n  model.init_args.kd_weight: checkpoint 0.9, given 0.1\n"):
+        kd(tiny_folder, tmp_path, teacher, resume, "--model.kd_weight=0.1", epochs=2)
     with pytest.raises(ValueError, match=r"model.class_path: checkpoint 'lightning_kd.methods.KD', given "
                                          r"'lightning_kd.methods.Baseline'"):
         fit(tiny_folder, tmp_path, resume, epochs=2)
     resumed = kd(tiny_folder, tmp_path, teacher, resume, epochs=2)  # the same settings resume
-    assert resumed.trainer.global_step == 4 and resumed.model.alpha == 0.9
+    assert resumed.trainer.global_step == 4 and resumed.model.kd_weight == 0.9
 
 
 def test_the_student_records_its_teacher_and_never_needs_the_teacher_file_again(tiny_folder, teacher_run, tmp_path):

@@ -59,13 +59,13 @@ def test_every_wandb_run_keeps_its_own_config(tiny_folder, teacher_ckpt, tmp_pat
     monkeypatch.setenv("WANDB_MODE", "offline")
     save_dir = tmp_path / "wandb_runs"
     runs = {}
-    for alpha in (0.5, 0.7):
+    for kd_weight in (0.5, 0.7):
         cli = fit_with_wandb(
-            tiny_folder, teacher_ckpt, tmp_path / f"alpha{alpha}", save_dir, f"--model.init_args.alpha={alpha}"
+            tiny_folder, teacher_ckpt, tmp_path / f"kd{kd_weight}", save_dir, f"--model.init_args.kd_weight={kd_weight}"
         )
-        runs[cli.trainer.logger.version] = alpha
+        runs[cli.trainer.logger.version] = kd_weight
     assert not os.path.exists(save_dir / "config.yaml")  # the file every run used to overwrite
-    for run_id, alpha in runs.items():
+    for run_id, kd_weight in runs.items():
         config = yaml.safe_load(open(save_dir / "lightning-kd" / run_id / "config.yaml"))
-        assert config["model"]["init_args"]["alpha"] == alpha
+        assert config["model"]["init_args"]["kd_weight"] == kd_weight
         assert glob.glob(str(save_dir / "wandb" / f"offline-run-*-{run_id}"))  # the W&B run of that id

@@ -1,6 +1,6 @@
 """The base every method stands on."""
 from lightning_kd.core.checkpointing import AtomicCheckpointIO, RunCheckpoint, write_atomically
-from lightning_kd.core.checks import check_choice, check_layer_pairs, check_range
+from lightning_kd.core.checks import check_choice, check_layer_pairs, check_range, renamed_argument, renamed_mix
 from lightning_kd.core.features import FeatureHooks, evaluation_mode, layer_shapes, resolve_modules
 from lightning_kd.core.module import (
     DistillationModule,
@@ -47,6 +47,8 @@ __all__ = [
     "check_choice",
     "check_layer_pairs",
     "check_range",
+    "renamed_argument",
+    "renamed_mix",
     "classifier",
     "cifar_multistep",
     "cifar_sgd",

@@ -317,8 +317,8 @@ class DistillationModule(pl.LightningModule):
 
             def loss_terms(self, step):
                 return {
-                    "ce": (1 - self.alpha) * F.cross_entropy(step.student_logits, step.targets),
-                    "kd": self.alpha * kd_loss(step.student_logits, step.teacher_logits, self.temperature),
+                    "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
+                    "kd": self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature),
                 }
         """
         raise NotImplementedError

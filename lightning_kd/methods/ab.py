@@ -139,7 +139,7 @@ class AB(FeatureDistillation):
     the task loss trains the student.
 
     Two stages, as RepDistiller runs it: ``ab`` (``stage1_epochs`` epochs, the optimizer's constant learning rate,
-    the teacher runs) minimises ab_weight·:func:`ab_loss` of the connected student layers against the teacher's,
+    the teacher runs) minimises beta·:func:`ab_loss` of the connected student layers against the teacher's,
     training the connectors (:class:`ABConnectors`, owned: sized in ``__init__`` from the layers' shapes,
     checkpointed, left out of export) and the student; ``task`` minimises the task loss alone (CE, optionally
     + KD: :class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) with a fresh optimizer (the
@@ -150,22 +150,22 @@ class AB(FeatureDistillation):
 
     Args:
         margin: the margin μ ≥ 0 of the alternative loss (RepDistiller: 1).
-        ab_weight: weight of the AB term in stage 1 (RepDistiller: 1).
+        beta: weight of the AB term in stage 1 (RepDistiller: 1).
         stage1_epochs: epochs of the ``ab`` stage (RepDistiller's ``--init_epochs``: 30).
         **kwargs: ``student_layers``/``teacher_layers`` (equal counts; a student map is connected to its
             teacher map by the identity or a convolution + BN, see :class:`ABConnectors`),
             ``ce_weight``/``kd_weight``/``temperature`` of stage 2, ``image_size`` and the base arguments.
     """
 
-    def __init__(self, margin: float = 1.0, ab_weight: float = 1.0, stage1_epochs: int = 30, **kwargs) -> None:
+    def __init__(self, margin: float = 1.0, beta: float = 1.0, stage1_epochs: int = 30, **kwargs) -> None:
         super().__init__(**kwargs)
         check_range("margin", margin, 0.0)
-        check_range("ab_weight", ab_weight, 0.0, low_open=True)
+        check_range("beta", beta, 0.0, low_open=True)
         check_range("stage1_epochs", stage1_epochs, 0)
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise ValueError("AB needs a task loss after its first stage: ce_weight or kd_weight must be > 0")
         self.margin = margin
-        self.ab_weight = ab_weight
+        self.beta = beta
         self.stage1_epochs = stage1_epochs
         student, teacher = self.feature_shapes()
         try:
@@ -201,4 +201,4 @@ class AB(FeatureDistillation):
         if self.stage.name == "task":
             return self.task_terms(step)
         student, teacher = zip(*self.paired_features(step))
-        return {"ab": self.ab_weight * ab_loss(self.connectors(student), teacher, self.margin)}
+        return {"ab": self.beta * ab_loss(self.connectors(student), teacher, self.margin)}

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import Conv2dNormActivation
 
-from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range, layer_shapes
+from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range, layer_shapes, renamed_argument, renamed_mix
 from lightning_kd.methods.kd import kd_loss
 from lightning_kd.models import stage_names
 
@@ -31,13 +31,14 @@ def byot_loss(
     exit_logits: torch.Tensor,
     exit_features: torch.Tensor,
     targets: torch.Tensor,
-    alpha: float,
+    ce_weight: float,
+    kd_weight: float,
     temperature: float,
-    feature_weight: float,
+    beta: float,
 ) -> dict[str, torch.Tensor]:
     """The BYOT objective (Zhang et al. 2019), summed over the exits i = 1…C, C the deepest:
 
-        (1−α)·CE(q_i, y) + α·T²·KL(q_C ‖ q_i) + λ·‖F_i − F_C‖²
+        ce_weight·CE(q_i, y) + kd_weight·T²·KL(q_C ‖ q_i) + β·‖F_i − F_C‖²
 
     with q = softmax(logits/T) in the KL term; the deepest exit's logits and feature are fixed targets
     (detached), so for i = C only the cross-entropy remains.
@@ -46,9 +47,10 @@ def byot_loss(
         exit_logits: (C, B, K) logits of every exit, shallowest first, the deepest last.
         exit_features: (C, B, D) features of every exit, aligned by the bottlenecks to the deepest's width.
         targets: (B,) class labels.
-        alpha: weight α of the distillation term (the cross-entropy gets 1 − α).
+        ce_weight: weight of the cross-entropy terms (the paper's 1 − α).
+        kd_weight: weight of the distillation terms (the paper's α).
         temperature: softening temperature T.
-        feature_weight: weight λ of the feature hint.
+        beta: weight of the feature hint (the paper's λ).
 
     Returns:
         the weighted terms ``ce``, ``kd`` and ``hint``.
@@ -57,7 +59,7 @@ def byot_loss(
     ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
     kd = sum(kd_loss(logits, deepest_logits, temperature) for logits in exit_logits[:-1])
     hint = sum(feature_hint(features, deepest_feature) for features in exit_features[:-1])
-    return {"ce": (1 - alpha) * ce, "kd": alpha * kd, "hint": feature_weight * hint}
+    return {"ce": ce_weight * ce, "kd": kd_weight * kd, "hint": beta * hint}
 
 
 class ExitHead(nn.Module):
@@ -146,15 +148,18 @@ class BYOT(DistillationModule):
     (``--network exit_2``); the default, the deepest, is the plain network without any head.
 
     As in :func:`byot_loss` and the public reproduction, every exit's cross-entropy, the deepest's included,
-    is weighted 1 − α; the hint compares the pooled features (:func:`feature_hint`).
+    is weighted ce_weight (the paper's 1 − α); the hint compares the pooled features (:func:`feature_hint`).
 
     Args:
         stages: module paths after which the exits read, in depth order; the last is the final feature map
             (its exit is the network's own classifier). Default: :func:`lightning_kd.models.stage_names`.
-        alpha: weight α ∈ [0, 1] of the distillation from the deepest exit (usual: 0.3 or 0.1).
+        ce_weight: weight ≥ 0 of the exits' cross-entropy, the paper's 1 − α (usual: 0.7 or 0.9).
+        kd_weight: weight ≥ 0 of the distillation from the deepest exit, the paper's α (usual: 0.3 or 0.1).
         temperature: softening temperature T > 0 (paper: 3).
-        feature_weight: weight λ ≥ 0 of the feature hint (paper: 0.03).
+        beta: weight ≥ 0 of the feature hint, the paper's λ (paper: 0.03).
         image_size: side of the square RGB input used to probe the stages' shapes (the training size).
+        alpha: deprecated, ``ce_weight = 1 − alpha, kd_weight = alpha``; removed in the next release.
+        feature_weight: deprecated name of ``beta``; removed in the next release.
     """
 
     needs_teacher = False
@@ -162,20 +167,27 @@ class BYOT(DistillationModule):
     def __init__(
         self,
         stages: Optional[list[str]] = None,
-        alpha: float = 0.3,
+        ce_weight: float = 0.7,
+        kd_weight: float = 0.3,
         temperature: float = 3.0,
-        feature_weight: float = 0.03,
+        beta: float = 0.03,
         image_size: int = 32,
+        alpha: Optional[float] = None,
+        feature_weight: Optional[float] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("alpha", alpha, 0.0, 1.0)
+        name = type(self).__name__
+        ce_weight, kd_weight = renamed_mix(name, alpha, ce_weight, kd_weight, defaults=(0.7, 0.3))
+        beta = renamed_argument(name, "feature_weight", feature_weight, "beta", beta, 0.03)
+        check_range("ce_weight", ce_weight, 0.0)
+        check_range("kd_weight", kd_weight, 0.0)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("feature_weight", feature_weight, 0.0)
+        check_range("beta", beta, 0.0)
         check_range("image_size", image_size, 1)
-        self.alpha = alpha
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.temperature = temperature
-        self.feature_weight = feature_weight
+        self.beta = beta
         self.image_size = image_size
         self.stages = list(stages) if stages is not None else stage_names(self.student)
         if len(self.stages) < 2:
@@ -214,8 +226,8 @@ class BYOT(DistillationModule):
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return byot_loss(
-            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.alpha, self.temperature,
-            self.feature_weight,
+            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.ce_weight, self.kd_weight,
+            self.temperature, self.beta,
         )
 
     def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

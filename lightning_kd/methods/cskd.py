@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.core import DistillationModule, Step, check_range
+from lightning_kd.core import DistillationModule, Step, check_range, renamed_argument
 from lightning_kd.methods.kd import kd_loss
 
 
@@ -31,7 +31,7 @@ def check_paired(targets: torch.Tensor) -> None:
 
 
 class CSKD(DistillationModule):
-    """Class-wise self-knowledge distillation: loss = CE(f(x), y) + λ·T²·KL(softmax(f(x')/T) ‖ softmax(f(x)/T)).
+    """Class-wise self-knowledge distillation: loss = CE(f(x), y) + kd_weight·T²·KL(softmax(f(x')/T) ‖ softmax(f(x)/T)).
 
     Trains on class-paired batches (``paired_batches: true`` on the data module): the first half of each
     batch are the samples, the second half their same-class partners ``x'``. As in the authors' code, the
@@ -41,17 +41,20 @@ class CSKD(DistillationModule):
 
     Args:
         temperature: softening temperature T > 0 (paper: 4).
-        cls_weight: weight λ ≥ 0 of the class-wise term (paper: 1; 3 on the fine-grained sets).
+        kd_weight: weight ≥ 0 of the class-wise term, the paper's λ_cls (paper: 1; 3 on the fine-grained sets).
+        cls_weight: deprecated name of ``kd_weight``; removed in the next release.
     """
 
     needs_teacher = False
 
-    def __init__(self, temperature: float = 4.0, cls_weight: float = 1.0, **kwargs) -> None:
+    def __init__(self, temperature: float = 4.0, kd_weight: float = 1.0, cls_weight: Optional[float] = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("cls_weight", cls_weight, 0.0)
+        kd_weight = renamed_argument("CSKD", "cls_weight", cls_weight, "kd_weight", kd_weight, 1.0)
+        check_range("kd_weight", kd_weight, 0.0)
         self.temperature = temperature
-        self.cls_weight = cls_weight
+        self.kd_weight = kd_weight
 
     def forward_step(self, x: torch.Tensor, y: torch.Tensor, fields: Optional[dict] = None) -> Step:
         """The base step on the first half of the batch, plus ``outputs["pair_logits"]``: the partners' logits."""
@@ -69,5 +72,5 @@ class CSKD(DistillationModule):
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return {
             "ce": F.cross_entropy(step.student_logits, step.targets),
-            "cls": self.cls_weight * cskd_loss(step.student_logits, step.outputs["pair_logits"], self.temperature),
+            "cls": self.kd_weight * cskd_loss(step.student_logits, step.outputs["pair_logits"], self.temperature),
         }

@@ -72,6 +72,19 @@ class FeatureDistillation(DistillationModule):
             self._shapes = [student[n] for n in self.student_layers], [teacher[n] for n in self.teacher_layers]
         return self._shapes
 
+    def feature_map_shapes(self, uses: str, layers: str = "convolutional layers"):
+        """:meth:`feature_shapes`, after checking that every layer outputs a (B, C, H, W) map; else one clear
+        ``ValueError``: "<Method> <uses>, but the <student|teacher> layer <name> outputs <shape>: name <layers>"."""
+        student, teacher = self.feature_shapes()
+        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
+        for who, names, shapes in pairs:
+            for name, shape in zip(names, shapes):
+                if len(shape) != 3:
+                    raise ValueError(
+                        f"{type(self).__name__} {uses}, but the {who} layer {name!r} outputs {shape}: name {layers}"
+                    )
+        return student, teacher
+
     def paired_features(self, step: Step) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(student feature, teacher feature)`` of every layer pair of the step."""
         return [

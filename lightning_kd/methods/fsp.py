@@ -3,11 +3,11 @@ and Transfer Learning" (CVPR 2017)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
-from lightning_kd.core import Stage, Step, check_choice, check_range
+from lightning_kd.core import Stage, Step, check_choice, check_range, renamed_argument
 from lightning_kd.core.features import pool_to_smallest
 from lightning_kd.methods.feature_distillation import FeatureDistillation
 
@@ -36,39 +36,42 @@ class FSP(FeatureDistillation):
     """FSP: match the FSP matrices of consecutive layers of student and teacher.
 
     Schedules: ``two_stage`` (the paper's, as RepDistiller runs it): a stage ``fsp`` of ``stage1_epochs`` epochs
-    minimises fsp_weight·FSP alone with a fresh optimizer at its constant learning rate (RepDistiller's
+    minimises beta·FSP alone with a fresh optimizer at its constant learning rate (RepDistiller's
     ``init``: 30 epochs, SGD 0.05), then a stage ``task`` minimises the task loss alone (CE, optionally + KD)
     with a fresh optimizer and the full schedule counted from its start, running the teacher only when KD needs
-    it. ``joint``: task loss + fsp_weight·FSP at every step, one stage.
+    it. ``joint``: task loss + beta·FSP at every step, one stage.
 
     Paired layers must have equal channel counts in student and teacher; a mismatch fails at construction.
     Layers default to every stage end; RepDistiller also includes the stem's output (name it first in
     ``student_layers``/``teacher_layers``, e.g. ``relu`` of a CIFAR ResNet).
 
     Args:
-        fsp_weight: weight of the FSP term (RepDistiller's stage 1: 1).
+        beta: weight of the FSP term (RepDistiller's stage 1: 1).
         schedule: ``two_stage`` or ``joint``.
         stage1_epochs: epochs of FSP alone in the two-stage schedule.
         **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
             and the base arguments.
+        fsp_weight: deprecated name of ``beta``; removed in the next release.
     """
 
     def __init__(
         self,
-        fsp_weight: float = 1.0,
+        beta: float = 1.0,
         schedule: Literal["two_stage", "joint"] = "two_stage",
         stage1_epochs: int = 30,
+        fsp_weight: Optional[float] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("fsp_weight", fsp_weight, 0.0, low_open=True)
+        beta = renamed_argument("FSP", "fsp_weight", fsp_weight, "beta", beta, 1.0)
+        check_range("beta", beta, 0.0, low_open=True)
         check_range("stage1_epochs", stage1_epochs, 0)
         check_choice("schedule", schedule, ("two_stage", "joint"))
         if len(self.student_layers) < 2:
             raise ValueError(f"FSP relates consecutive layers, so it needs at least two, got {self.student_layers}")
         if schedule == "two_stage" and self.ce_weight == 0 and self.kd_weight == 0:
             raise ValueError("FSP needs a task loss after its first stage: ce_weight or kd_weight must be > 0")
-        self.fsp_weight = fsp_weight
+        self.beta = beta
         self.schedule = schedule
         self.stage1_epochs = stage1_epochs
         self._check_maps()
@@ -100,5 +103,5 @@ class FSP(FeatureDistillation):
         if self.stage.name == "task":
             return self.task_terms(step)
         student, teacher = zip(*self.paired_features(step))
-        fsp = self.fsp_weight * fsp_loss(student, teacher)
+        fsp = self.beta * fsp_loss(student, teacher)
         return {"fsp": fsp} if self.stage.name == "fsp" else {**self.task_terms(step), "fsp": fsp}

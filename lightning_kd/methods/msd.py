@@ -15,7 +15,7 @@ No public code exists; this is our reading of the paper:
   points, drawn uniformly, so one head trains as a family of classifiers of graded depth; this narrows the
   capacity gap between neighbouring classifiers, which the paper names as what makes the mutual
   distillation effective. Validation, test and export read the stage outputs, as BYOT does.
-* Defaults are BYOT's: α = 0.3, T = 3, λ = 0.03.
+* Defaults are BYOT's: ce_weight 0.7, kd_weight 0.3 (α = 0.3), T = 3, beta 0.03 (λ).
 """
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ def msd_loss(
     exit_logits: torch.Tensor,
     exit_features: torch.Tensor,
     targets: torch.Tensor,
-    alpha: float,
+    ce_weight: float,
+    kd_weight: float,
     temperature: float,
-    feature_weight: float,
+    beta: float,
 ) -> dict[str, torch.Tensor]:
     """The MSD objective as we read Luan et al. 2019, summed over the classifiers i = 1…C, C the deepest:
 
-        (1−α)·CE(q_i, y) + α·T²·1/(C−1)·Σ_{j≠i} KL(q_j ‖ q_i) + λ·‖F_i − F_C‖²
+        ce_weight·CE(q_i, y) + kd_weight·T²·1/(C−1)·Σ_{j≠i} KL(q_j ‖ q_i) + β·‖F_i − F_C‖²
 
     with q = softmax(logits/T) in the KL terms; every target (q_j, F_C) is detached.
 
@@ -46,9 +47,10 @@ def msd_loss(
         exit_logits: (C, B, K) logits of every classifier, shallowest first, the deepest last.
         exit_features: (C, B, D) features of every classifier, aligned to the deepest's width.
         targets: (B,) class labels.
-        alpha: weight α of the mutual distillation (the cross-entropy gets 1 − α).
+        ce_weight: weight of the cross-entropy terms (the paper's 1 − α).
+        kd_weight: weight of the mutual distillation (the paper's α).
         temperature: softening temperature T.
-        feature_weight: weight λ of the feature hint.
+        beta: weight of the feature hint (the paper's λ).
 
     Returns:
         the weighted terms ``ce``, ``kd`` and ``hint``.
@@ -60,14 +62,14 @@ def msd_loss(
         kd_loss(exit_logits[i], fixed[j], temperature) for i in range(count) for j in range(count) if j != i
     ) / (count - 1)
     hint = sum(feature_hint(features, exit_features[-1].detach()) for features in exit_features[:-1])
-    return {"ce": (1 - alpha) * ce, "kd": alpha * kd, "hint": feature_weight * hint}
+    return {"ce": ce_weight * ce, "kd": kd_weight * kd, "hint": beta * hint}
 
 
 class MSD(BYOT):
     """Multi-self-distillation: BYOT's exits, each classifier taught by all the others (:func:`msd_loss`),
     and each head fed from a block of its stage sampled at every training step (see the module docstring).
 
-    Takes BYOT's arguments (``stages``, ``alpha``, ``temperature``, ``feature_weight``, ``image_size``);
+    Takes BYOT's arguments (``stages``, ``ce_weight``, ``kd_weight``, ``temperature``, ``beta``, ``image_size``);
     logs and exports the same way.
     """
 
@@ -98,6 +100,6 @@ class MSD(BYOT):
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return msd_loss(
-            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.alpha, self.temperature,
-            self.feature_weight,
+            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.ce_weight, self.kd_weight,
+            self.temperature, self.beta,
         )

@@ -76,15 +76,7 @@ class NST(FeatureDistillation):
         super().__init__(**kwargs)
         check_range("beta", beta, 0.0)
         self.beta = beta
-        student, teacher = self.feature_shapes()
-        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
-        for who, names, shapes in pairs:
-            for name, shape in zip(names, shapes):
-                if len(shape) != 3:
-                    raise ValueError(
-                        f"NST compares the channels of (B, C, H, W) feature maps, but the {who} layer {name!r} "
-                        f"outputs {shape}: name convolutional layers"
-                    )
+        self.feature_map_shapes("compares the channels of (B, C, H, W) feature maps")
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         mmd = sum(nst_loss(student, teacher) for student, teacher in self.paired_features(step))

@@ -232,7 +232,7 @@ def producing_batchnorm(network: nn.Module, layer: str) -> str:
 
 
 class OFD(FeatureDistillation):
-    """OFD: loss = CE (+ KD) + feature_weight·Σ_i w_i·ofd_loss(r_i(S_i), T_i, m_i) over the pre-ReLU stage outputs.
+    """OFD: loss = CE (+ KD) + beta·Σ_i w_i·ofd_loss(r_i(S_i), T_i, m_i) over the pre-ReLU stage outputs.
 
     Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019): every student pre-ReLU feature S_i
     goes through an owned connector r_i (:class:`OFDConnector`, 1×1 conv + BN, in :attr:`connectors`, an
@@ -261,7 +261,7 @@ class OFD(FeatureDistillation):
     so here the teacher's features use its running statistics. The margins are the same either way.
 
     Args:
-        feature_weight: weight of the summed OFD terms (mdistiller CIFAR-100: 1e-3; ImageNet 1e-4).
+        beta: weight of the summed OFD terms (mdistiller CIFAR-100: 1e-3; ImageNet 1e-4).
         connector_kernel_size: k of the connectors' k×k convolution (odd; the authors': 1).
         teacher_bn_layers: module paths of the teacher BatchNorms whose outputs the teacher layers are, one per
             teacher layer, in order; default: found by :func:`producing_batchnorm`.
@@ -271,29 +271,23 @@ class OFD(FeatureDistillation):
 
     def __init__(
         self,
-        feature_weight: float = 1e-3,
+        beta: float = 1e-3,
         connector_kernel_size: int = 1,
         teacher_bn_layers: Optional[list[str]] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("feature_weight", feature_weight, 0.0, low_open=True)
+        check_range("beta", beta, 0.0, low_open=True)
         check_range("connector_kernel_size", connector_kernel_size, 1)
         if connector_kernel_size % 2 == 0:
             raise ValueError(
                 f"connector_kernel_size must be odd so the map keeps its size, got {connector_kernel_size}"
             )
-        self.feature_weight = feature_weight
+        self.beta = beta
         self.connector_kernel_size = connector_kernel_size
-        student, teacher = self.feature_shapes()
-        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
-        for who, names, shapes in pairs:
-            for name, shape in zip(names, shapes):
-                if len(shape) != 3:
-                    raise ValueError(
-                        f"OFD distils (B, C, H, W) pre-ReLU feature maps, but the {who} layer {name!r} outputs "
-                        f"{shape}: name convolutional pre-activation layers"
-                    )
+        student, teacher = self.feature_map_shapes(
+            "distils (B, C, H, W) pre-ReLU feature maps", "convolutional pre-activation layers"
+        )
         if teacher_bn_layers is None:
             teacher_bn_layers = [producing_batchnorm(self.teacher, name) for name in self.teacher_layers]
         teacher_bn_layers = list(teacher_bn_layers)
@@ -346,4 +340,4 @@ class OFD(FeatureDistillation):
             w * ofd_loss(connector(s), t, m)
             for w, connector, (s, t), m in zip(weights, self.connectors, pairs, self.margins)
         )
-        return {**self.task_terms(step), "ofd": self.feature_weight * ofd}
+        return {**self.task_terms(step), "ofd": self.beta * ofd}

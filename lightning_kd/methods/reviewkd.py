@@ -255,7 +255,7 @@ class ReviewKD(FeatureDistillation):
     (running statistics), as every teacher in this library and as mdistiller's ``Distiller.train`` keeps it.
 
     Args:
-        reviewkd_weight: λ (mdistiller's default 1; the authors' per pair: resnet56→20 0.6, resnet110→32 1.0,
+        beta: λ (mdistiller's default 1; the authors' per pair: resnet56→20 0.6, resnet110→32 1.0,
             resnet32x4→8x4 5.0, wrn_40_2→wrn_16_2 5.0, ShuffleV1 5.0, ShuffleV2 8.0).
         warmup_epochs: epochs over which λ ramps up linearly (20 on CIFAR, 1 on ImageNet); 0: no warm-up.
         mid_channels: C_mid of every ABF (default min(512, channels of the student's pooled vector)).
@@ -266,17 +266,17 @@ class ReviewKD(FeatureDistillation):
 
     def __init__(
         self,
-        reviewkd_weight: float = 1.0,
+        beta: float = 1.0,
         warmup_epochs: int = 20,
         mid_channels: Optional[int] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("reviewkd_weight", reviewkd_weight, 0.0, low_open=True)
+        check_range("beta", beta, 0.0, low_open=True)
         check_range("warmup_epochs", warmup_epochs, 0)
         if mid_channels is not None:
             check_range("mid_channels", mid_channels, 1)
-        self.reviewkd_weight = reviewkd_weight
+        self.beta = beta
         self.warmup_epochs = warmup_epochs
         student, teacher = self.feature_shapes()
         pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
@@ -316,4 +316,4 @@ class ReviewKD(FeatureDistillation):
         student, teacher = zip(*self.paired_features(step))
         teacher = [t[:, :, None, None] if t.dim() == 2 else t for t in teacher]
         hcl = hcl_loss(self.fusion(list(student)), teacher)
-        return {**self.task_terms(step), "reviewkd": self.reviewkd_weight * self.warmup_factor() * hcl}
+        return {**self.task_terms(step), "reviewkd": self.beta * self.warmup_factor() * hcl}

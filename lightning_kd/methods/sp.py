@@ -1,11 +1,13 @@
 """Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019, arXiv 1907.09682)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import Step, check_range
+from lightning_kd.core import Step, check_range, renamed_argument
 from lightning_kd.methods.feature_distillation import FeatureDistillation
 from lightning_kd.models import stage_names
 
@@ -24,20 +26,22 @@ def sp_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> t
 
 
 class SP(FeatureDistillation):
-    """Similarity-preserving KD: loss = CE (+ KD) + γ·Σ_layers sp_loss(student layer, teacher layer).
+    """Similarity-preserving KD: loss = CE (+ KD) + β·Σ_layers sp_loss(student layer, teacher layer).
 
     Layers default to the last stage of each model, the final map before pooling (the paper's setting).
 
     Args:
-        gamma: weight γ of the similarity term (paper and RepDistiller on CIFAR: 3000).
+        beta: weight of the similarity term, the paper's γ (paper and RepDistiller on CIFAR: 3000).
         **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
             and the base arguments.
+        gamma: deprecated name of ``beta``; removed in the next release.
     """
 
-    def __init__(self, gamma: float = 3000.0, **kwargs) -> None:
+    def __init__(self, beta: float = 3000.0, gamma: Optional[float] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        check_range("gamma", gamma, 0.0)
-        self.gamma = gamma
+        beta = renamed_argument("SP", "gamma", gamma, "beta", beta, 3000.0)
+        check_range("beta", beta, 0.0)
+        self.beta = beta
 
     def default_layers(self, network: nn.Module) -> list[str]:
         return stage_names(network)[-1:]
@@ -47,4 +51,4 @@ class SP(FeatureDistillation):
             sp_loss(step.student_features[s], step.teacher_features[t])
             for s, t in zip(self.student_layers, self.teacher_layers)
         )
-        return {**self.task_terms(step), "sp": self.gamma * similarity}
+        return {**self.task_terms(step), "sp": self.beta * similarity}

@@ -27,20 +27,15 @@ numbers describe a different loss.
 from __future__ import annotations
 
 import warnings
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.core import DistillationModule, Step, check_range
+from lightning_kd.core import DistillationModule, Step, check_choice, check_range, renamed_mix
 
 Reduction = Literal["mean", "batchmean"]
 Soften = Literal["probabilities", "logits"]
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _kl_divergence(log_p_student: torch.Tensor, p_target: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -48,7 +43,7 @@ def _kl_divergence(log_p_student: torch.Tensor, p_target: torch.Tensor, reductio
 
     Written out rather than ``F.kl_div(reduction="mean")``, whose meaning torch announces it will change.
     """
-    _check_choice("reduction", reduction, get_args(Reduction))
+    check_choice("reduction", reduction, get_args(Reduction))
     total = F.kl_div(log_p_student, p_target.to(log_p_student.dtype), reduction="sum")
     return total / (log_p_student.numel() if reduction == "mean" else log_p_student.shape[0])
 
@@ -85,7 +80,7 @@ def virtual_teacher(
     * ``"probabilities"`` (authors' code): softmax(p^d / T) — nearly uniform for the code's T ≥ 10;
     * ``"logits"`` (KD convention): softmax(log p^d / T), i.e. (p^d)^(1/T) renormalised.
     """
-    _check_choice("soften", soften, get_args(Soften))
+    check_choice("soften", soften, get_args(Soften))
     off_prob = (1.0 - correct_prob) / (num_classes - 1)
     one_hot = F.one_hot(targets, num_classes).float()
     probs = off_prob + (correct_prob - off_prob) * one_hot
@@ -132,7 +127,9 @@ class LabelSmoothing(DistillationModule):
 
 
 class TfKDSelf(DistillationModule):
-    """Tf-KD_self: loss = (1−α)·CE + α·multiplier·T²·KL(softmax(t/T) ‖ softmax(s/T)).
+    """Tf-KD_self: loss = ce_weight·CE + kd_weight·multiplier·T²·KL(softmax(t/T) ‖ softmax(s/T)).
+
+    The paper's (1−α)·CE + α·KD is ``ce_weight = 1 − α``, ``kd_weight = α``.
 
     The teacher is the student's own architecture, trained normally first (e.g. the Baseline checkpoint of
     that architecture); see ``configs/cifar100/tfkd_self/``. A teacher of another architecture still trains,
@@ -140,10 +137,12 @@ class TfKDSelf(DistillationModule):
 
     Args:
         temperature: T > 0 (authors' ResNet18 setting: 6; MobileNetV2: 20).
-        alpha: weight α ∈ [0, 1] of the distillation term (authors: 0.95).
+        ce_weight: weight ≥ 0 of the cross-entropy with the labels (authors: 1 − α = 0.05).
+        kd_weight: weight ≥ 0 of the distillation term (authors: α = 0.95).
         multiplier: extra factor ≥ 0 on the distillation term (authors: 1 in most cases, 50 for ResNet18
             with ``reduction="mean"``).
         reduction: ``"mean"`` over B·K (authors' code, default) or ``"batchmean"`` (paper, Hinton KD).
+        alpha: deprecated, ``ce_weight = 1 − alpha, kd_weight = alpha``; removed in the next release.
     """
 
     needs_teacher = True
@@ -151,18 +150,22 @@ class TfKDSelf(DistillationModule):
     def __init__(
         self,
         temperature: float = 6.0,
-        alpha: float = 0.95,
+        ce_weight: float = 0.05,
+        kd_weight: float = 0.95,
         multiplier: float = 50.0,
         reduction: Reduction = "mean",
+        alpha: Optional[float] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("alpha", alpha, 0.0, 1.0)
+        ce_weight, kd_weight = renamed_mix("TfKDSelf", alpha, ce_weight, kd_weight, defaults=(0.05, 0.95))
+        check_range("ce_weight", ce_weight, 0.0)
+        check_range("kd_weight", kd_weight, 0.0)
         check_range("multiplier", multiplier, 0.0)
-        _check_choice("reduction", reduction, get_args(Reduction))
+        check_choice("reduction", reduction, get_args(Reduction))
         self.temperature = temperature
-        self.alpha = alpha
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.multiplier = multiplier
         self.reduction = reduction
         self._warn_unless_self(kwargs.get("student"), kwargs.get("teacher"))
@@ -184,13 +187,14 @@ class TfKDSelf(DistillationModule):
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         kd = tfkd_self_loss(step.student_logits, step.teacher_logits, self.temperature, self.reduction)
         return {
-            "ce": (1 - self.alpha) * F.cross_entropy(step.student_logits, step.targets),
-            "kd": self.alpha * self.multiplier * kd,
+            "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
+            "kd": self.kd_weight * self.multiplier * kd,
         }
 
 
 class TfKDReg(DistillationModule):
-    """Tf-KD_reg: loss = (1−α)·CE + α·multiplier·KL(p^d_τ ‖ student), p^d a virtual teacher made from the label.
+    """Tf-KD_reg: loss = ce_weight·CE + kd_weight·multiplier·KL(p^d_τ ‖ student), p^d a virtual teacher made from
+    the label. The paper's (1−α)·CE + α·reg is ``ce_weight = 1 − α``, ``kd_weight = α``.
 
     No teacher network is loaded or run. See :func:`tfkd_reg_loss` and :func:`virtual_teacher` for the two
     temperature conventions; the defaults reproduce the authors' ResNet18 setting on CIFAR-100.
@@ -198,10 +202,12 @@ class TfKDReg(DistillationModule):
     Args:
         correct_prob: a, the virtual teacher's probability on the true class, in (1/K, 1] (authors: 0.99).
         temperature: T > 0 (authors: 20 for ResNet18, 40 for MobileNetV2).
-        alpha: weight α ∈ [0, 1] of the regularisation term (authors: 0.1 for ResNet18, 0.95 for MobileNetV2).
+        ce_weight: weight ≥ 0 of the cross-entropy with the labels (authors: 1 − α, 0.9 for ResNet18).
+        kd_weight: weight ≥ 0 of the regularisation term (authors: α = 0.1 for ResNet18, 0.95 for MobileNetV2).
         multiplier: extra factor ≥ 0 on that term (authors: 100 for ResNet18, 1 for MobileNetV2).
         soften: ``"probabilities"`` (authors' code, default) or ``"logits"`` (KD convention).
         reduction: ``"mean"`` over B·K (authors' code, default) or ``"batchmean"``.
+        alpha: deprecated, ``ce_weight = 1 − alpha, kd_weight = alpha``; removed in the next release.
     """
 
     needs_teacher = False
@@ -210,22 +216,26 @@ class TfKDReg(DistillationModule):
         self,
         correct_prob: float = 0.99,
         temperature: float = 20.0,
-        alpha: float = 0.1,
+        ce_weight: float = 0.9,
+        kd_weight: float = 0.1,
         multiplier: float = 100.0,
         soften: Soften = "probabilities",
         reduction: Reduction = "mean",
+        alpha: Optional[float] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_range("correct_prob", correct_prob, 1.0 / self.num_classes, 1.0, low_open=True)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("alpha", alpha, 0.0, 1.0)
+        ce_weight, kd_weight = renamed_mix("TfKDReg", alpha, ce_weight, kd_weight, defaults=(0.9, 0.1))
+        check_range("ce_weight", ce_weight, 0.0)
+        check_range("kd_weight", kd_weight, 0.0)
         check_range("multiplier", multiplier, 0.0)
-        _check_choice("soften", soften, get_args(Soften))
-        _check_choice("reduction", reduction, get_args(Reduction))
+        check_choice("soften", soften, get_args(Soften))
+        check_choice("reduction", reduction, get_args(Reduction))
         self.correct_prob = correct_prob
         self.temperature = temperature
-        self.alpha = alpha
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.multiplier = multiplier
         self.soften = soften
         self.reduction = reduction
@@ -235,6 +245,6 @@ class TfKDReg(DistillationModule):
             step.student_logits, step.targets, self.correct_prob, self.temperature, self.soften, self.reduction
         )
         return {
-            "ce": (1 - self.alpha) * F.cross_entropy(step.student_logits, step.targets),
-            "reg": self.alpha * self.multiplier * reg,
+            "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
+            "reg": self.kd_weight * self.multiplier * reg,
         }

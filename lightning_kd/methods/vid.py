@@ -193,15 +193,7 @@ class VID(FeatureDistillation):
         self.beta = beta
         self.init_variance = init_variance
         self.eps = eps
-        student, teacher = self.feature_shapes()
-        pairs = [("student", self.student_layers, student), ("teacher", self.teacher_layers, teacher)]
-        for who, names, shapes in pairs:
-            for name, shape in zip(names, shapes):
-                if len(shape) != 3:
-                    raise ValueError(
-                        f"VID regresses (B, C, H, W) feature maps with 1x1 convolutions, but the {who} layer {name!r} "
-                        f"outputs {shape}: name convolutional layers"
-                    )
+        student, teacher = self.feature_map_shapes("regresses (B, C, H, W) feature maps with 1x1 convolutions")
         self.regressors = nn.ModuleList(
             VIDRegressor(s[0], t[0], init_variance=init_variance, eps=eps) for s, t in zip(student, teacher)
         )
