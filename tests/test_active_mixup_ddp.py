@@ -63,7 +63,7 @@ def test_two_process_ddp_asks_the_teacher_once_per_image_and_records_every_call(
         "--trainer.max_epochs=2", env=env,
     )
     calls = sum(int(line.split()[1]) for line in log.read_text().splitlines())
-    recorded = checkpoint["state_dict"]["teacher._extra_state"]["queries"]
+    recorded = checkpoint["state_dict"]["teacher._extra_state"]["images"]  # the black box's meter
     labelled = len(checkpoint["QueryPoolDataModule"]["targets"])
     assert calls == recorded == labelled == planned  # one query per labelled image, across both processes
     assert checkpoint["teacher_cost"]["images"] == planned
@@ -71,13 +71,15 @@ def test_two_process_ddp_asks_the_teacher_once_per_image_and_records_every_call(
 
 def test_two_process_ddp_resume_counts_the_teachers_images_once(tiny_folder, tmp_path):
     """Round 0 in a first run (one process), round 1 when the run resumes on two: the logged teacher/images (summed
-    over the processes) is every image asked about, once."""
+    over the processes) and the query axis of the accuracy are every image asked about, once."""
     ddp_fit(tiny_folder, tmp_path, "--model.init_args.query_budget=12", "--trainer.max_epochs=1", processes=1)
     checkpoint = ddp_fit(
         tiny_folder, tmp_path, "--model.init_args.query_budget=12", "--trainer.max_epochs=2",
         f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "--trainer.logger=CSVLogger",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     )
-    assert checkpoint["state_dict"]["teacher._extra_state"]["queries"] == 12
+    assert checkpoint["state_dict"]["teacher._extra_state"]["images"] == 12
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "lightning_logs" / "*" / "metrics.csv"))[0])))
     assert [float(row["teacher/images"]) for row in rows if row.get("teacher/images")] == [12.0]
+    # accuracy against every query made: the meters of both processes summed (the second one asked nothing)
+    assert [int(row["step"]) for row in rows if row.get("active_mixup/val_acc1")] == [12]

@@ -11,12 +11,13 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import nn
 
-from lightning_kd.core import BlackBoxTeacher, QueryBudgetExceeded
+from lightning_kd.core import BlackBoxTeacher, NonFiniteLossError, QueryBudgetExceeded, TeacherCost
 from lightning_kd.data import CIFAR10DataModule, QueryPoolDataModule, mix_images
 from lightning_kd.methods import (
     KD,
     UNIXKD,
     ActiveMixup,
+    ActiveMixupRounds,
     least_confident_mixes,
     soft_target_loss,
     uncertainty,
@@ -141,6 +142,43 @@ def test_teacher_cost_is_logged_per_epoch_and_cumulatively_and_survives_resume(t
     assert teacher_cost(resumed.callback_metrics) == (16, 8, 16 * MLP_FLOPS)
 
 
+def test_a_black_box_meters_every_query_once_on_the_meter_the_module_logs():
+    black = KD(student=small_cnn(), teacher=BlackBoxTeacher(mlp(), budget=7), num_classes=10)
+    assert black.teacher_cost is black.teacher.cost  # one meter: the module logs what the budget is checked on
+    black.teacher_forward(torch.randn(5, 3, 32, 32))
+    assert black.teacher.queries == black.teacher_cost.images == 5  # counted once, not by the module and the box
+    with pytest.raises(QueryBudgetExceeded, match="5 images already queried, 3 more asked, budget 7"):
+        black.teacher_forward(torch.randn(3, 3, 32, 32))
+    assert (black.teacher_cost.images, black.teacher_cost.flops) == (5, 5 * MLP_FLOPS)  # nothing asked, nothing counted
+
+
+def test_teacher_meter_budget_is_checked_before_counting_and_remote_flops_are_uncountable_from_the_start():
+    meter = TeacherCost(mlp(), budget=4)
+    with pytest.raises(QueryBudgetExceeded, match="0 images already queried, 5 more asked, budget 4"):
+        meter.add(torch.zeros(5, 3, 32, 32))
+    assert (meter.images, meter.flops) == (0, 0)
+    # A remote teacher's FLOPs are None before any query, as after: every process of a DDP run logs the same metrics.
+    remote = TeacherCost(lambda images: images)
+    assert remote.flops is None
+    remote.add(torch.zeros(2, 3))
+    remote.clear()
+    assert (remote.images, remote.flops, remote.images_logged) == (0, None, 0)
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        TeacherCost(mlp(), budget=-1)
+
+
+def test_black_box_meter_survives_its_state_dict_and_an_old_query_count_loads():
+    teacher = BlackBoxTeacher(mlp())
+    teacher(torch.randn(3, 3, 32, 32))
+    teacher.cost.since_last_report()
+    restored = BlackBoxTeacher(mlp())
+    restored.load_state_dict(teacher.state_dict())
+    assert restored.cost.state_dict() == {"images": 3, "flops": 3 * MLP_FLOPS, "images_logged": 3}
+    old = {**teacher.state_dict(), "_extra_state": {"queries": 11}}  # written when the box counted queries itself
+    restored.load_state_dict(old)
+    assert restored.queries == restored.cost.images == 11
+
+
 # --- the query pool -----------------------------------------------------------------------------
 def test_query_pool_serves_the_labelled_mixes_and_restores_them(tiny_cifar10):
     data = pool_data(tiny_cifar10, pool_size=6, augment=False)
@@ -224,7 +262,7 @@ def test_active_mixup_grows_the_set_each_round_with_the_teachers_probabilities(t
     with torch.no_grad():
         answers = teacher(mix_images(data.pool, data.first, data.second, data.weight)).softmax(-1)
     torch.testing.assert_close(data.targets, answers)
-    assert [queries for queries, _ in module.accuracy_vs_queries] == [8, 12, 16]
+    assert [queries for queries, _ in module.query_rounds.accuracy_vs_queries] == [8, 12, 16]
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0])))
     assert [int(row["step"]) for row in rows if row.get("active_mixup/val_acc1")] == [8, 12, 16]
 
@@ -250,7 +288,7 @@ def test_active_mixup_draws_accuracy_against_queries_on_wandb(tiny_cifar10, tmp_
     key = "active_mixup/acc1_vs_queries"
     charts = [entry[key] for entry in logger.logged if key in entry]
     assert [[queries for queries, _ in chart.table.data] for chart in charts] == [[8], [8, 12]]
-    assert charts[-1].table.data == [list(row) for row in module.accuracy_vs_queries]
+    assert charts[-1].table.data == [list(row) for row in module.query_rounds.accuracy_vs_queries]
 
 
 def test_active_mixup_plan_beyond_the_budget_fails_before_any_query(tiny_cifar10, tmp_path):
@@ -299,6 +337,54 @@ def test_active_mixup_configuration_errors(tiny_cifar10, tmp_path):
         trainer(tmp_path, reload_dataloaders_every_n_epochs=1).fit(active_mixup(), datamodule=cifar(tiny_cifar10))
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         trainer(tmp_path).fit(active_mixup(), datamodule=pool_data(tiny_cifar10))
+
+
+def test_active_mixup_attaches_its_rounds_and_meters_its_queries_on_the_wrapped_teacher(tiny_cifar10, tmp_path):
+    module = active_mixup(rounds=1)
+    assert module.configure_callbacks() == [module.query_rounds]
+    assert isinstance(module.query_rounds, ActiveMixupRounds)
+    assert module.teacher_cost is module.teacher.cost  # the black box wrapped after the base's __init__
+    fit = trainer(tmp_path, epochs=2, reload_dataloaders_every_n_epochs=1)  # no callback given by hand
+    fit.fit(module, datamodule=pool_data(tiny_cifar10))
+    assert module.query_rounds in fit.callbacks
+    assert module.teacher.queries == fit.callback_metrics["teacher/images"] == 12
+
+
+def test_active_mixup_rounds_checkpoint_their_points_and_resume_from_an_old_checkpoint(tiny_cifar10, tmp_path):
+    """The points (queries, accuracy) are the callback's checkpoint state; a checkpoint written before the callback
+    (the points at the top level, the black box's query count alone) resumes with its points and count."""
+
+    def run(workdir, epochs, ckpt_path=None, callbacks=()):
+        module = active_mixup(rounds=2)
+        fit = trainer(workdir, epochs=epochs, reload_dataloaders_every_n_epochs=1, enable_checkpointing=True,
+                      callbacks=[ModelCheckpoint(dirpath=workdir, save_last=True), *callbacks])
+        fit.fit(module, datamodule=pool_data(tiny_cifar10), ckpt_path=ckpt_path, weights_only=False)
+        return module, fit
+
+    run(tmp_path, epochs=3, callbacks=[StopAfterFirstEpoch()])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    points = checkpoint["callbacks"]["ActiveMixupRounds"]["accuracy_vs_queries"]
+    assert [queries for queries, _ in points] == [8] and "accuracy_vs_queries" not in checkpoint
+    checkpoint["accuracy_vs_queries"] = checkpoint["callbacks"].pop("ActiveMixupRounds")["accuracy_vs_queries"]
+    checkpoint["state_dict"]["teacher._extra_state"] = {"queries": 12}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    resumed, fit = run(tmp_path, epochs=3, ckpt_path=str(tmp_path / "old.ckpt"))
+    assert [queries for queries, _ in resumed.query_rounds.accuracy_vs_queries] == [8, 12, 16]
+    assert resumed.query_rounds.accuracy_vs_queries[0] == tuple(points[0])
+    assert resumed.teacher.queries == fit.callback_metrics["teacher/images"] == 16
+
+
+def test_active_mixup_asks_nothing_for_a_student_gone_non_finite(tiny_cifar10, tmp_path):
+    class NonFiniteAtFirstStep(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            module.non_finite.observe(0, torch.tensor(float("nan")), {})
+
+    module = active_mixup(rounds=1)
+    fit = trainer(tmp_path, epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[NonFiniteAtFirstStep()])
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at training step 0"):
+        fit.fit(module, datamodule=pool_data(tiny_cifar10))
+    assert module.teacher.queries == 8  # round 0 only: round 1 was never asked about
 
 
 # --- UNIX KD ------------------------------------------------------------------------------------
@@ -371,6 +457,18 @@ def test_unix_runs_exactly_k_images_per_step_through_teacher_and_student(tiny_ci
     kd_cost = 16 * (2 * LINEAR_FLOPS + MLP_FLOPS)
     unix_cost = 16 * LINEAR_FLOPS + 12 * (2 * LINEAR_FLOPS + MLP_FLOPS)
     assert metrics["unix/computation_vs_kd"].item() == pytest.approx(unix_cost / kd_cost)
+
+
+def test_unix_checkpoint_holds_one_count_of_the_teachers_images_and_old_ones_load():
+    module = UNIXKD(student=linear(), teacher=mlp(), num_classes=10, keep=6)
+    module.forward_step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["teacher_cost"]["images"] == 6  # the kept images: the teacher's meter, counted there alone
+    assert checkpoint["unix_cost"] == [8, module.flops_spent, module.flops_of_kd]
+    old = UNIXKD(student=linear(), teacher=mlp(), num_classes=10, keep=6)
+    old.on_load_checkpoint({"teacher_cost": checkpoint["teacher_cost"], "unix_cost": [8, 6, 100, 200]})
+    assert (old.images_seen, old.teacher_cost.images, old.flops_spent, old.flops_of_kd) == (8, 6, 100, 200)
 
 
 @pytest.mark.parametrize(

@@ -37,10 +37,12 @@ from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
 from lightning_kd.core.stages import Stage, check_stages, stage_index
 from lightning_kd.core.teacher import (
+    BlackBoxTeacher,
     TeacherCost,
     TeacherSource,
     build_teacher,
     check_teacher_arguments,
+    teacher_meter,
 )
 from lightning_kd.models import get_model
 
@@ -265,8 +267,8 @@ class DistillationModule(pl.LightningModule):
             self.teacher, self.teacher_source = build_teacher(
                 teacher, num_classes, teacher_ckpt, teacher_weights, teacher_classes
             )
-        # Images sent through the teacher in training and their FLOPs, logged every epoch (teacher/*).
-        self.teacher_cost: Optional[TeacherCost] = TeacherCost(self.teacher) if self.teacher is not None else None
+        # The teacher's meter; a black box's is its own (see teacher_cost).
+        self._teacher_meter: Optional[TeacherCost] = teacher_meter(self.teacher) if self.teacher is not None else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student_layers: list[str] = []
@@ -291,6 +293,16 @@ class DistillationModule(pl.LightningModule):
         # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
         self.named_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
         self._teacher_scored = False
+
+    @property
+    def teacher_cost(self) -> Optional[TeacherCost]:
+        """The one meter of the teacher's cost (images sent through it and their FLOPs), logged every epoch
+        (``teacher/*``) and saved in checkpoints: a :class:`~lightning_kd.core.teacher.BlackBoxTeacher`'s own, which
+        counts every query against its budget, else the images of the training steps (:meth:`teacher_forward`).
+        ``None`` without a teacher."""
+        if isinstance(self.teacher, BlackBoxTeacher):
+            return self.teacher.cost  # the teacher now in place, also when a method wrapped it after __init__
+        return self._teacher_meter
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -551,10 +563,12 @@ class DistillationModule(pl.LightningModule):
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits under ``torch.no_grad`` (not ``inference_mode``: losses save them for backward).
 
-        Images sent in training are counted in :attr:`teacher_cost`. A teacher is anything that answers logits
-        (a :class:`BlackBoxTeacher` answers log-probabilities, which serve as logits).
+        Images sent in training are counted in :attr:`teacher_cost` (a :class:`BlackBoxTeacher` counts every query
+        itself). A teacher is anything that answers logits (a :class:`BlackBoxTeacher` answers log-probabilities,
+        which serve as logits).
         """
-        if self.teacher_cost is not None and (self._trainer is None or self.trainer.training):
+        metered_here = self.teacher_cost is not None and not isinstance(self.teacher, BlackBoxTeacher)
+        if metered_here and (self._trainer is None or self.trainer.training):
             self.teacher_cost.add(x)  # before the forward: its FLOP probe must not be the last one hooks record
         with torch.no_grad():
             logits = self.teacher(x)

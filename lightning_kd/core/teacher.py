@@ -245,9 +245,10 @@ class BlackBoxTeacher(nn.Module):
     Wraps a local network or any callable (e.g. a client of a remote prediction endpoint) mapping a batch of
     images to logits or probabilities. Like any teacher it answers logits: log p of its probabilities p
     (softmax(log p / T) = softmax(z / T) for its logits z, so every loss reads it as it reads a network's logits).
-    Every call counts ``len(x)`` queries; a call that would take the count past ``budget`` raises
-    :class:`QueryBudgetExceeded` before the teacher is asked anything. The count is part of the ``state_dict``
-    (module extra state), so it survives a checkpoint and resume. Validation never scores it
+    Every call is counted on its :class:`TeacherCost` meter (:attr:`cost`, the one a
+    :class:`~lightning_kd.core.module.DistillationModule` logs), which raises :class:`QueryBudgetExceeded` before
+    the teacher is asked anything when a call would take the count past ``budget``. The meter is part of the
+    ``state_dict`` (module extra state), so it survives a checkpoint and resume. Validation never scores it
     (``queries_are_counted``): every image it is asked about counts against its budget.
 
     Args:
@@ -263,38 +264,41 @@ class BlackBoxTeacher(nn.Module):
         returns: Literal["logits", "probabilities"] = "logits",
     ) -> None:
         super().__init__()
-        if budget is not None and budget < 0:
-            raise ValueError(f"budget must be >= 0 images (or None for no limit), got {budget}")
         if returns not in ("logits", "probabilities"):
             raise ValueError(f"returns must be 'logits' or 'probabilities', got {returns!r}")
         self.model = model
-        self.budget = budget
+        self.cost = TeacherCost(model, budget=budget)
         self.returns = returns
-        self.queries = 0
 
     queries_are_counted = True
 
+    @property
+    def queries(self) -> int:
+        """Images asked about so far (by this process): the meter's count."""
+        return self.cost.images
+
+    @property
+    def budget(self) -> Optional[int]:
+        return self.cost.budget
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K)``, log p in float32 (a probability 0 clamped to the smallest positive float), for the ``B``
-        images of ``x``, counted against the budget."""
-        asked = x.shape[0]
-        if self.budget is not None and self.queries + asked > self.budget:
-            raise QueryBudgetExceeded(
-                f"Teacher query budget exceeded: {self.queries} images already queried, {asked} more asked, "
-                f"budget {self.budget}"
-            )
+        images of ``x``, counted against the budget before the teacher is asked."""
+        self.cost.add(x)
         with torch.no_grad():
             outputs = torch.as_tensor(self.model(x), device=x.device).float()
-        self.queries += asked
         if self.returns == "logits":
             return outputs.log_softmax(dim=-1)
         return outputs.clamp_min(torch.finfo(outputs.dtype).tiny).log()
 
     def get_extra_state(self) -> dict:
-        return {"queries": self.queries}
+        return self.cost.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
-        self.queries = int(state["queries"])
+        if "queries" in state:  # written before the meter: the query count alone
+            self.cost.images = int(state["queries"])
+        else:
+            self.cost.load_state_dict(state)
 
     def extra_repr(self) -> str:
         return f"queries={self.queries}, budget={self.budget}, returns={self.returns!r}"
@@ -314,16 +318,21 @@ def forward_flops(model: nn.Module, sample: torch.Tensor) -> int:
 class FlopsPerImage:
     """Forward FLOPs per image of a network, counted once per image shape on a one-image probe.
 
-    Returns ``None`` for what cannot be counted: a :class:`BlackBoxTeacher` around a callable (e.g. a remote
-    endpoint). A :class:`BlackBoxTeacher` around a network is probed on that network, costing no query.
+    Returns ``None`` for what cannot be counted (:attr:`countable` is false): a callable that is no ``nn.Module``,
+    e.g. a remote endpoint, or a :class:`BlackBoxTeacher` around one. A :class:`BlackBoxTeacher` around a network
+    is probed on that network, costing no query.
     """
 
     def __init__(self, network: Union[nn.Module, Callable]) -> None:
         self.network = network.model if isinstance(network, BlackBoxTeacher) else network
         self._per_shape: dict[tuple[int, ...], int] = {}
 
+    @property
+    def countable(self) -> bool:
+        return isinstance(self.network, nn.Module)
+
     def __call__(self, x: torch.Tensor) -> Optional[int]:
-        if not isinstance(self.network, nn.Module):
+        if not self.countable:
             return None
         shape = tuple(x.shape[1:])
         if shape not in self._per_shape:
@@ -332,23 +341,45 @@ class FlopsPerImage:
 
 
 class TeacherCost:
-    """Running totals of what a teacher cost in training: images sent through it and their forward FLOPs.
+    """The meter of a teacher's cost: images sent through it, for any purpose, and their forward FLOPs.
 
-    Plain Python integers derived from tensor shapes, so counting never waits for the accelerator.
-    ``flops`` stays ``None`` when the teacher's FLOPs cannot be counted (see :class:`FlopsPerImage`).
+    The one count of a teacher: a :class:`BlackBoxTeacher` meters every query with it (and a budget, checked before
+    the teacher is asked); a :class:`~lightning_kd.core.module.DistillationModule` meters the images of its training
+    steps with it (:func:`teacher_meter`) and logs it as ``teacher/*``. Plain Python integers derived from tensor
+    shapes, so counting never waits for the accelerator. Under DDP each process meters what it sends (the logging
+    sums them). ``flops`` is ``None`` when the teacher's FLOPs cannot be counted (see :class:`FlopsPerImage`).
+
+    Args:
+        teacher: the network (or callable) whose cost is metered.
+        budget: the most images it may be sent in all; ``None`` for no limit.
     """
 
-    def __init__(self, teacher: Union[nn.Module, Callable]) -> None:
+    def __init__(self, teacher: Union[nn.Module, Callable], budget: Optional[int] = None) -> None:
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget must be >= 0 images (or None for no limit), got {budget}")
         self.flops_per_image = FlopsPerImage(teacher)
+        self.budget = budget
+        self.clear()
+
+    def clear(self) -> None:
+        """Zero every count (a process whose share of a restored count is none)."""
         self.images = 0
-        self.flops: Optional[int] = 0
+        self.flops: Optional[int] = 0 if self.flops_per_image.countable else None
         self.images_logged = 0  # the total at the last per-epoch report
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a compiled teacher's graph
     def add(self, x: torch.Tensor) -> None:
-        """Count the images of the batch ``x`` about to go through the teacher."""
+        """Count the images of the batch ``x`` about to go through the teacher; one that would take the count past
+        the budget raises :class:`QueryBudgetExceeded` and counts nothing."""
+        asked = x.shape[0]
+        if self.budget is not None and self.images + asked > self.budget:
+            raise QueryBudgetExceeded(
+                f"Teacher query budget exceeded: {self.images} images already queried, {asked} more asked, "
+                f"budget {self.budget}"
+            )
         per_image = self.flops_per_image(x)
-        self.images += x.shape[0]
-        self.flops = None if per_image is None or self.flops is None else self.flops + per_image * x.shape[0]
+        self.images += asked
+        self.flops = None if per_image is None or self.flops is None else self.flops + per_image * asked
 
     def since_last_report(self) -> int:
         """Images counted since the previous call (per-epoch figure), and mark them reported."""
@@ -360,3 +391,8 @@ class TeacherCost:
 
     def load_state_dict(self, state: dict) -> None:
         self.images, self.flops, self.images_logged = state["images"], state["flops"], state["images_logged"]
+
+
+def teacher_meter(teacher: Union[nn.Module, Callable]) -> TeacherCost:
+    """The meter of ``teacher``'s cost: a :class:`BlackBoxTeacher`'s own (it meters every query), else a new one."""
+    return teacher.cost if isinstance(teacher, BlackBoxTeacher) else TeacherCost(teacher)

@@ -19,26 +19,22 @@ round, on the growing set (``epochs_per_round`` epochs each; a per-round restart
 ``CosineAnnealingWarmRestarts(T_0=epochs_per_round)`` plays the part of the restart). The training set grows
 through Lightning's data reloading (``trainer.reload_dataloaders_every_n_epochs=1``) from a
 :class:`~lightning_kd.data.QueryPoolDataModule`.
+
+:class:`ActiveMixup` is the LightningModule (the loss, the black-box teacher); :class:`ActiveMixupRounds`, the
+callback it attaches to the Trainer itself (``configure_callbacks``), runs the query rounds.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Optional
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_kd.core import (
-    BlackBoxTeacher,
-    DistillationModule,
-    Step,
-    TeacherCost,
-    check_range,
-    evaluation_mode,
-    freeze,
-)
+from lightning_kd.core import BlackBoxTeacher, DistillationModule, Step, check_range, evaluation_mode, freeze
 from lightning_kd.data import QueryPoolDataModule, mix_images
 
 
@@ -84,6 +80,179 @@ def least_confident_mixes(
     return chosen, torch.cat(weights)[chosen]
 
 
+class ActiveMixupRounds(pl.Callback):
+    """The query rounds of Active Mixup (Wang et al., CVPR 2020): it owns the growing pool and the teacher's queries.
+
+    Round 0 labels the pool images when the fit starts; after every ``epochs_per_round`` epochs a new round scores
+    ``candidates`` unlabeled pairs with the student (:func:`least_confident_mixes`), asks the teacher about the
+    ``queries_per_round`` least confident mixes and adds them, with its probabilities, to the
+    :class:`~lightning_kd.data.QueryPoolDataModule` (the next epoch's training set). At the end of each round it
+    logs the validation accuracy against the queries so far: a line plot (``active_mixup/acc1_vs_queries``) on
+    W&B, the metric ``active_mixup/val_acc1`` with the query count as its step on other loggers; those points are
+    its checkpoint state.
+
+    Built and attached by :class:`ActiveMixup` (its ``configure_callbacks``), whose teacher, a
+    :class:`~lightning_kd.core.BlackBoxTeacher`, is asked through ``teacher_forward`` and metered on its
+    ``teacher_cost``. Under DDP the first process asks (:meth:`query_round`).
+
+    Args:
+        rounds, queries_per_round, candidates, epochs_per_round, mix_range, mix_steps, score_batch_size: as
+            :class:`ActiveMixup`'s.
+    """
+
+    def __init__(
+        self,
+        rounds: int,
+        queries_per_round: int,
+        candidates: Optional[int],
+        epochs_per_round: int,
+        mix_range: Sequence[float],
+        mix_steps: int,
+        score_batch_size: int,
+    ) -> None:
+        self.rounds = rounds
+        self.queries_per_round = queries_per_round
+        self.candidates = candidates
+        self.epochs_per_round = epochs_per_round
+        self.mix_weights = torch.linspace(*mix_range, mix_steps)
+        self.score_batch_size = score_batch_size
+        self.accuracy_vs_queries: list[tuple[int, float]] = []  # (cumulative queries, val/acc1) per round
+
+    @staticmethod
+    def pool_data(trainer: pl.Trainer) -> QueryPoolDataModule:
+        data = trainer.datamodule
+        if not isinstance(data, QueryPoolDataModule):
+            raise ValueError(
+                "ActiveMixup needs a lightning_kd.data.QueryPoolDataModule (an unlabeled pool), "
+                f"got {type(data).__name__}"
+            )
+        return data
+
+    def planned_queries(self, pool_size: int) -> int:
+        """Teacher queries of the whole run: the pool images, then up to ``queries_per_round`` per round."""
+        return pool_size + min(self.rounds * self.queries_per_round, pool_size * (pool_size - 1) // 2)
+
+    def candidate_pairs(self, data: QueryPoolDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unlabeled pairs ``i < j`` of pool images: all of them, or ``candidates`` drawn at random."""
+        size = len(data.pool)
+        first, second = torch.triu_indices(size, size, offset=1)
+        unlabeled = ~torch.isin(first * size + second, data.labelled_pair_ids())
+        first, second = first[unlabeled], second[unlabeled]
+        if self.candidates is not None and len(first) > self.candidates:
+            drawn = torch.randperm(len(first))[: self.candidates]
+            first, second = first[drawn], second[drawn]
+        return first, second
+
+    def query_round(self, trainer: pl.Trainer, module: DistillationModule) -> None:
+        """Label the next round: the pool images (round 0) or the least confident candidate mixes.
+
+        Under DDP the first process chooses the mixes and asks the teacher, and every process receives the same
+        labelled mixes: each image is asked about once and all processes train on one set. The first process's
+        meter counts every query (so the budget is global); the others' count none, and the logged
+        ``teacher/images``, summed over the processes, is every query made.
+        """
+        data = self.pool_data(trainer)
+        labelled = self.choose_and_query(data, module) if trainer.is_global_zero else None
+        data.add(*trainer.strategy.broadcast(labelled, src=0))
+
+    def choose_and_query(
+        self, data: QueryPoolDataModule, module: DistillationModule
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next round's mixes ``(first, second, weight)`` and the teacher's probabilities for them (on the CPU)."""
+        device = module.device
+        pool = data.pool.to(device)
+        if data.additions == 0:
+            first = second = torch.arange(len(pool), device=device)
+            weight = torch.ones(len(pool), device=device)
+        else:
+            first, second = (pairs.to(device) for pairs in self.candidate_pairs(data))
+            chosen, weight = least_confident_mixes(
+                module.student, pool, first, second, self.mix_weights.to(device), self.queries_per_round,
+                self.score_batch_size,
+            )
+            first, second = first[chosen], second[chosen]
+        probabilities = [
+            module.teacher_forward(mix_images(pool, *chunk)).softmax(-1)
+            for chunk in zip(*(t.split(self.score_batch_size) for t in (first, second, weight)))
+        ]
+        probabilities = torch.cat(probabilities) if probabilities else data.targets[:0]
+        return first.cpu(), second.cpu(), weight.cpu(), probabilities.cpu()
+
+    def label_due_rounds(self, trainer: pl.Trainer, module: DistillationModule, epoch: int) -> None:
+        """Label every round due when ``epoch`` starts: round 0 at once, round r after r·epochs_per_round epochs."""
+        due = 1 + min(self.rounds, epoch // self.epochs_per_round)
+        while self.pool_data(trainer).additions < due:
+            self.query_round(trainer, module)
+
+    def queries_so_far(self, trainer: pl.Trainer, module: DistillationModule) -> int:
+        """Every query made, by all processes: the teacher's meter summed over them (as ``teacher/images`` is)."""
+        count = torch.tensor(module.teacher_cost.images, device=module.device)
+        return int(trainer.strategy.reduce(count, reduce_op="sum"))
+
+    def record_accuracy(self, trainer: pl.Trainer, module: DistillationModule) -> None:
+        """Log the validation accuracy reached with the queries so far (at the end of a round)."""
+        accuracy = trainer.callback_metrics.get("val/acc1")
+        if accuracy is None:
+            return
+        queries, accuracy = self.queries_so_far(trainer, module), float(accuracy)
+        self.accuracy_vs_queries.append((queries, accuracy))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                rows = [list(row) for row in self.accuracy_vs_queries]
+                table = wandb.Table(columns=["teacher queries", "val/acc1"], data=rows)
+                title = "Active Mixup: accuracy against teacher queries"
+                chart = wandb.plot.line(table, "teacher queries", "val/acc1", title=title)
+                step = trainer.global_step
+                logger.experiment.log({"active_mixup/acc1_vs_queries": chart, "trainer/global_step": step})
+            else:
+                logger.log_metrics({"active_mixup/val_acc1": accuracy}, step=queries)
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, module: DistillationModule) -> None:
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "ActiveMixup grows the training set between epochs: set trainer.reload_dataloaders_every_n_epochs=1 "
+                f"(got {trainer.reload_dataloaders_every_n_epochs})"
+            )
+        pool_size = len(self.pool_data(trainer).pool)
+        planned, budget = self.planned_queries(pool_size), module.teacher_cost.budget
+        if budget is not None and planned > budget:
+            raise ValueError(
+                f"ActiveMixup plans {planned} teacher queries ({pool_size} pool images + {self.rounds} "
+                f"rounds × {self.queries_per_round}) but the teacher's query budget is {budget}"
+            )
+        self.label_due_rounds(trainer, module, 0)  # round 0, before the first training loader (a resumed run has it)
+
+    def on_train_start(self, trainer: pl.Trainer, module: DistillationModule) -> None:
+        # Normally nothing to do. On resume, labels a round due but not in the checkpoint (written before the
+        # round, or by a run that ended there); its images join the training set at the next reload.
+        self.label_due_rounds(trainer, module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: DistillationModule) -> None:
+        module.stop_if_non_finite()  # (this hook runs before the module's) no queries for a student gone non-finite
+        next_epoch = trainer.current_epoch + 1
+        if next_epoch % self.epochs_per_round == 0:
+            self.record_accuracy(trainer, module)
+        if next_epoch != trainer.max_epochs:  # no queries that no epoch would train on
+            self.label_due_rounds(trainer, module, next_epoch)
+
+    def state_dict(self) -> dict:
+        return {"accuracy_vs_queries": self.accuracy_vs_queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accuracy_vs_queries = [tuple(row) for row in state["accuracy_vs_queries"]]
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: DistillationModule, checkpoint: dict) -> None:
+        """Take a checkpoint written before this callback (its points at the top level); on the other processes
+        than the first, zero the teacher's meter restored from the checkpoint: the first made every query."""
+        if "accuracy_vs_queries" in checkpoint:
+            self.load_state_dict(checkpoint)
+        if trainer.global_rank != 0:
+            module.teacher_cost.clear()
+
+
 class ActiveMixup(DistillationModule):
     """Active Mixup: query a black-box teacher on the mixes of a small unlabeled pool the student finds hardest.
 
@@ -91,13 +260,14 @@ class ActiveMixup(DistillationModule):
     unlabeled pairs, queries the teacher on the ``queries_per_round`` least confident mixes and adds them to the
     training set. The student trains on the teacher's probabilities (:func:`soft_target_loss`). Needs a
     :class:`~lightning_kd.data.QueryPoolDataModule` and ``trainer.reload_dataloaders_every_n_epochs=1``; plan
-    ``max_epochs = (rounds + 1)·epochs_per_round``.
+    ``max_epochs = (rounds + 1)·epochs_per_round``. The rounds are run by :class:`ActiveMixupRounds`
+    (:attr:`query_rounds`), which the module attaches to the Trainer itself.
 
     The teacher is wrapped in a :class:`~lightning_kd.core.BlackBoxTeacher` (unless it is one), so only its
-    probabilities are seen and its queries are counted and capped; under DDP the budget is global (one process
-    asks, see :meth:`query_round`). Logs validation accuracy against the cumulative queries at the end of each
-    round: a line plot (``active_mixup/acc1_vs_queries``) on W&B, the metric ``active_mixup/val_acc1`` with the
-    query count as its step on other loggers.
+    probabilities are seen and its queries are counted (``teacher/images``) and capped; under DDP the budget is
+    global (one process asks, see :meth:`ActiveMixupRounds.query_round`). Logs validation accuracy against the
+    cumulative queries at the end of each round: a line plot (``active_mixup/acc1_vs_queries``) on W&B, the
+    metric ``active_mixup/val_acc1`` with the query count as its step on other loggers.
 
     Args:
         rounds: query rounds after round 0.
@@ -142,140 +312,16 @@ class ActiveMixup(DistillationModule):
                 raise ValueError("The teacher is a BlackBoxTeacher: give the query budget once, as its budget")
         else:
             self.teacher = freeze(BlackBoxTeacher(self.teacher, budget=query_budget))
-        self.rounds = rounds
-        self.queries_per_round = queries_per_round
-        self.candidates = candidates
-        self.epochs_per_round = epochs_per_round
-        self.mix_weights = torch.linspace(low, high, mix_steps)
-        self.score_batch_size = score_batch_size
-        self.accuracy_vs_queries: list[tuple[int, float]] = []  # (cumulative queries, val/acc1) per round
+        self.query_rounds = ActiveMixupRounds(
+            rounds, queries_per_round, candidates, epochs_per_round, (low, high), mix_steps, score_batch_size
+        )
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The rounds of queries (:class:`ActiveMixupRounds`): configs and scripts need not add them."""
+        return [self.query_rounds]
 
     def needs_teacher_forward(self) -> bool:
         return False  # training reads the teacher's stored answers
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return {"soft_ce": soft_target_loss(step.student_logits, step.targets)}
-
-    # --- rounds ---------------------------------------------------------------------------------
-    @property
-    def data(self) -> QueryPoolDataModule:
-        data = self.trainer.datamodule
-        if not isinstance(data, QueryPoolDataModule):
-            raise ValueError(
-                "ActiveMixup needs a lightning_kd.data.QueryPoolDataModule (an unlabeled pool), "
-                f"got {type(data).__name__}"
-            )
-        return data
-
-    def planned_queries(self) -> int:
-        """Teacher queries of the whole run: the pool images, then up to ``queries_per_round`` per round."""
-        size = len(self.data.pool)
-        return size + min(self.rounds * self.queries_per_round, size * (size - 1) // 2)
-
-    def candidate_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unlabeled pairs ``i < j`` of pool images: all of them, or ``candidates`` drawn at random."""
-        size = len(self.data.pool)
-        first, second = torch.triu_indices(size, size, offset=1)
-        unlabeled = ~torch.isin(first * size + second, self.data.labelled_pair_ids())
-        first, second = first[unlabeled], second[unlabeled]
-        if self.candidates is not None and len(first) > self.candidates:
-            drawn = torch.randperm(len(first))[: self.candidates]
-            first, second = first[drawn], second[drawn]
-        return first, second
-
-    def query_round(self) -> None:
-        """Label the next round: the pool images (round 0) or the least confident candidate mixes.
-
-        Under DDP the first process chooses the mixes and asks the teacher; every process receives the same
-        labelled mixes and query count. So the budget is global, each image is asked about once, the count in
-        the checkpoint is every query made, and all processes train on one set.
-        """
-        labelled = self.choose_and_query() if self.trainer.is_global_zero else None
-        *labelled, self.teacher.queries = self.trainer.strategy.broadcast(labelled, src=0)
-        self.data.add(*labelled)
-
-    def choose_and_query(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The next round's mixes ``(first, second, weight)``, the teacher's probabilities for them (on the CPU)
-        and the teacher's query count after asking."""
-        data = self.data
-        pool = data.pool.to(self.device)
-        if data.additions == 0:
-            first = second = torch.arange(len(pool), device=self.device)
-            weight = torch.ones(len(pool), device=self.device)
-        else:
-            first, second = (pairs.to(self.device) for pairs in self.candidate_pairs())
-            chosen, weight = least_confident_mixes(
-                self.student, pool, first, second, self.mix_weights.to(self.device), self.queries_per_round,
-                self.score_batch_size,
-            )
-            first, second = first[chosen], second[chosen]
-        probabilities = [
-            self.teacher_forward(mix_images(pool, *chunk)).softmax(-1)
-            for chunk in zip(*(t.split(self.score_batch_size) for t in (first, second, weight)))
-        ]
-        probabilities = torch.cat(probabilities) if probabilities else data.targets[:0]
-        return first.cpu(), second.cpu(), weight.cpu(), probabilities.cpu(), self.teacher.queries
-
-    def label_due_rounds(self, epoch: int) -> None:
-        """Label every round due when ``epoch`` starts: round 0 at once, round r after r·epochs_per_round epochs."""
-        due = 1 + min(self.rounds, epoch // self.epochs_per_round)
-        while self.data.additions < due:
-            self.query_round()
-
-    def record_accuracy(self) -> None:
-        """Log the validation accuracy reached with the queries so far (at the end of a round)."""
-        accuracy = self.trainer.callback_metrics.get("val/acc1")
-        if accuracy is None:
-            return
-        queries, accuracy = self.teacher.queries, float(accuracy)
-        self.accuracy_vs_queries.append((queries, accuracy))
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                rows = [list(row) for row in self.accuracy_vs_queries]
-                table = wandb.Table(columns=["teacher queries", "val/acc1"], data=rows)
-                title = "Active Mixup: accuracy against teacher queries"
-                chart = wandb.plot.line(table, "teacher queries", "val/acc1", title=title)
-                logger.experiment.log({"active_mixup/acc1_vs_queries": chart, "trainer/global_step": self.global_step})
-            else:
-                logger.log_metrics({"active_mixup/val_acc1": accuracy}, step=queries)
-
-    # --- hooks ----------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError(
-                "ActiveMixup grows the training set between epochs: set trainer.reload_dataloaders_every_n_epochs=1 "
-                f"(got {self.trainer.reload_dataloaders_every_n_epochs})"
-            )
-        planned, budget = self.planned_queries(), self.teacher.budget
-        if budget is not None and planned > budget:
-            raise ValueError(
-                f"ActiveMixup plans {planned} teacher queries ({len(self.data.pool)} pool images + {self.rounds} "
-                f"rounds × {self.queries_per_round}) but the teacher's query budget is {budget}"
-            )
-        self.label_due_rounds(0)  # round 0, before the first training loader (a resumed run has it already)
-
-    def on_train_start(self) -> None:
-        # Normally nothing to do. On resume, labels a round due but not in the checkpoint (written before the
-        # round, or by a run that ended there); its images join the training set at the next reload.
-        self.label_due_rounds(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        next_epoch = self.current_epoch + 1
-        if next_epoch % self.epochs_per_round == 0:
-            self.record_accuracy()
-        if next_epoch != self.trainer.max_epochs:  # no queries that no epoch would train on
-            self.label_due_rounds(next_epoch)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["accuracy_vs_queries"] = self.accuracy_vs_queries
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.accuracy_vs_queries = [tuple(row) for row in checkpoint.get("accuracy_vs_queries", [])]
-        if self.global_rank != 0:  # the first process made every query (query_round): the others' cost is none
-            self.teacher_cost = TeacherCost(self.teacher)

@@ -89,10 +89,10 @@ def unix_loss_terms(
 class UNIXKD(DistillationModule):
     """UNIX: KD on the k of B images a student is least sure of, the others mixed into them by uncertainty.
 
-    Logs ``unix/teacher_images_saved`` (images of the batches that did not go through the teacher, so far)
-    and ``unix/computation_vs_kd``, the paper's efficiency figure: the run's computation so far relative to
-    plain KD on the same batches, from the forward FLOPs of student and teacher (omitted when the teacher's
-    FLOPs cannot be counted).
+    Logs ``unix/teacher_images_saved`` (images of the batches that did not go through the teacher, so far: the
+    images seen less the teacher's meter, :attr:`teacher_cost`) and ``unix/computation_vs_kd``, the paper's
+    efficiency figure: the run's computation so far relative to plain KD on the same batches, from the forward
+    FLOPs of student and teacher (omitted when the teacher's FLOPs cannot be counted).
 
     Args:
         keep: k, images per batch sent through the teacher and the trained student (batches of at most k
@@ -136,9 +136,9 @@ class UNIXKD(DistillationModule):
         self.uncertainty = uncertainty
         self.student_flops = FlopsPerImage(self.student)
         self.mix_strength = Beta(1.0, 1.0)
-        # Running totals for the efficiency figures (Python integers: no accelerator sync).
+        # Running totals for the efficiency figures (Python integers: no accelerator sync); the images sent through
+        # the teacher are its meter's (teacher_cost).
         self.images_seen = 0
-        self.images_kept = 0
         self.flops_spent: Optional[int] = 0
         self.flops_of_kd: Optional[int] = 0
 
@@ -146,7 +146,6 @@ class UNIXKD(DistillationModule):
         """Add a batch ``x`` of which ``kept`` images go on to the running totals (paper's cost model)."""
         batch = x.shape[0]
         self.images_seen += batch
-        self.images_kept += kept
         student, teacher = self.student_flops(x), self.teacher_cost.flops_per_image(x)
         if teacher is None or self.flops_spent is None:
             self.flops_spent = self.flops_of_kd = None
@@ -184,7 +183,7 @@ class UNIXKD(DistillationModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        saved = float(self.images_seen - self.images_kept)
+        saved = float(self.images_seen - self.teacher_cost.images)
         self.log("unix/teacher_images_saved", saved, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
         if self.flops_spent is not None and self.flops_of_kd:
             ratio = self.flops_spent / self.flops_of_kd
@@ -192,9 +191,12 @@ class UNIXKD(DistillationModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["unix_cost"] = [self.images_seen, self.images_kept, self.flops_spent, self.flops_of_kd]
+        checkpoint["unix_cost"] = [self.images_seen, self.flops_spent, self.flops_of_kd]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "unix_cost" in checkpoint:
-            self.images_seen, self.images_kept, self.flops_spent, self.flops_of_kd = checkpoint["unix_cost"]
+            cost = checkpoint["unix_cost"]
+            if len(cost) == 4:  # written when the kept images were counted here too: they are the teacher's meter
+                cost = [cost[0], *cost[2:]]
+            self.images_seen, self.flops_spent, self.flops_of_kd = cost
