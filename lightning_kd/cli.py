@@ -1,5 +1,7 @@
-"""The ``lightning-kd`` command: LightningCLI in subclass mode, plus ``export``.
+"""The ``lightning-kd`` command: LightningCLI in subclass mode, plus ``export``, ``demo`` and ``methods``.
 
+    lightning-kd --help
+    lightning-kd methods [--method KD]
     lightning-kd fit --config configs/cifar100/kd/resnet32x4-resnet8x4.yaml
     lightning-kd fit --config <method>.yaml --config configs/logger/wandb.yaml
     lightning-kd export --ckpt_path runs/.../last.ckpt --output student.pt2
@@ -8,6 +10,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
 import os
 import sys
 from typing import Optional
@@ -15,7 +19,9 @@ from typing import Optional
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+import lightning_kd
 import lightning_kd.methods  # noqa: F401 - every method is known by its short name (--model KD) in any process
+from lightning_kd.catalog import configs_directory, shipped_config_path
 from lightning_kd.core import DistillationModule, RunCheckpoint, file_sha256, load_checkpoint_file
 from lightning_kd.data import ClassificationDataModule
 
@@ -246,18 +252,113 @@ def cli_main(args=None, run: bool = True) -> KDLightningCLI:
     )
 
 
+# The library's own subcommands, run before (and instead of) LightningCLI: name -> (one-line purpose, runner).
+LIBRARY_SUBCOMMANDS = {
+    "export": ("Export a checkpoint's deployable network (torch.export program or state_dict).",
+               "lightning_kd.export:export_cli"),
+    "demo": ("Teacher, student alone and student with KD on one short schedule, then their accuracies.",
+             "lightning_kd.demo:demo_cli"),
+    "methods": ("List the distillation methods, their papers and their shipped configs.",
+                "lightning_kd.catalog:methods_cli"),
+}
+HELP_FLAGS = ("-h", "--help")
+# A --config value naming a file by one of these endings is looked up among the shipped configs when missing here;
+# any other value (jsonargparse also takes a config given inline) goes to LightningCLI as given.
+CONFIG_FILE_ENDINGS = (".yaml", ".yml", ".json", ".jsonnet")
+
+
+def installed_version() -> str:
+    """The installed distribution's version; ``lightning_kd.__version__`` (its source) when none is installed."""
+    try:
+        return importlib.metadata.version("lightning-kd")
+    except importlib.metadata.PackageNotFoundError:
+        return lightning_kd.__version__
+
+
+def _first_sentence(text: Optional[str]) -> str:
+    paragraph = " ".join((text or "").strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def subcommand_summaries() -> dict[str, str]:
+    """Every subcommand with its one-line purpose: Lightning's (from the Trainer's docstrings), then the library's."""
+    from pytorch_lightning import Trainer
+
+    summaries = {name: _first_sentence(inspect.getdoc(getattr(Trainer, name))) for name in KDLightningCLI.subcommands()}
+    summaries.update({name: summary for name, (summary, _) in LIBRARY_SUBCOMMANDS.items()})
+    return summaries
+
+
+def overview() -> str:
+    """What ``lightning-kd``, ``-h`` and ``--help`` print: usage, the subcommands, where their options are."""
+    summaries = subcommand_summaries()
+    width = max(map(len, summaries))
+
+    def lines(names) -> list[str]:
+        return [f"  {name:<{width}}  {summaries[name]}" for name in names]
+
+    return "\n".join([
+        "usage: lightning-kd <subcommand> [options]",
+        "       lightning-kd --version",
+        "",
+        "Knowledge distillation methods from the literature as PyTorch Lightning modules.",
+        "",
+        "Train and evaluate (Lightning's CLI, configured by YAML files):",
+        *lines(name for name in summaries if name not in LIBRARY_SUBCOMMANDS),
+        "",
+        "The library's tools:",
+        *lines(LIBRARY_SUBCOMMANDS),
+        "",
+        "Run `lightning-kd <subcommand> --help` for a subcommand's options. Example:",
+        "  lightning-kd fit --config configs/cifar100/kd/resnet32x4-resnet8x4.yaml",
+        f"A --config path missing from the working directory is read from the shipped configs ({configs_directory()}).",
+    ])
+
+
+def resolve_config_path(value: str) -> str:
+    """``value`` of a ``--config``: as given when that file exists here (or when it names no file), else the
+    shipped config of that name (``configs/a/b.yaml`` or ``a/b.yaml``); ``FileNotFoundError`` naming both places
+    when neither holds it."""
+    if os.path.exists(value) or not value.endswith(CONFIG_FILE_ENDINGS):
+        return value
+    shipped = shipped_config_path(value)
+    if shipped is not None and shipped.is_file():
+        return str(shipped)
+    looked = [os.path.abspath(value)] + ([str(shipped)] if shipped is not None else [])
+    raise FileNotFoundError(f"--config {value}: no such file; looked in:\n" + "\n".join(f"  {p}" for p in looked))
+
+
+def resolve_config_arguments(command: list[str]) -> list[str]:
+    """``command`` with every config file of ``--config X``, ``--config=X`` or ``-c X`` resolved by
+    :func:`resolve_config_path`."""
+    resolved = list(command)
+    for index, argument in enumerate(command):
+        flag, equals, value = argument.partition("=")
+        if flag == "--config" and equals:
+            resolved[index] = f"--config={resolve_config_path(value)}"
+        elif argument in ("--config", "-c") and index + 1 < len(command):
+            resolved[index + 1] = resolve_config_path(command[index + 1])
+    return resolved
+
+
 def main(argv=None) -> None:
+    """``lightning-kd``: the overview, the version, the library's subcommands, else LightningCLI."""
     command = sys.argv[1:] if argv is None else list(argv)
-    if command[:1] == ["export"]:
-        from lightning_kd.export import export_cli
-
-        export_cli(command[1:])
-    elif command[:1] == ["demo"]:
-        from lightning_kd.demo import demo_cli
-
-        demo_cli(command[1:])
+    if not command or command[0] in HELP_FLAGS:
+        print(overview())
+    elif command[0] == "--version":
+        print(f"lightning-kd {installed_version()}")
+    elif command[0] in LIBRARY_SUBCOMMANDS:
+        module, function = LIBRARY_SUBCOMMANDS[command[0]][1].split(":")
+        getattr(importlib.import_module(module), function)(command[1:])
     else:
-        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+        try:
+            resolved = resolve_config_arguments(command)
+        except FileNotFoundError as error:
+            sys.exit(f"lightning-kd: error: {error}")
+        if argv is None:
+            sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself (and warns when given args besides)
+        cli_main(None if argv is None else resolved)
 
 
 if __name__ == "__main__":
