@@ -16,6 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs in one worker per co
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_image_cache(tmp_path_factory):
+    """Decoded splits are cached in a folder of the session, never in the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["LIGHTNING_KD_CACHE"] = str(tmp_path_factory.mktemp("lightning_kd_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _cifar_checksums(monkeypatch):
     """The tiny CIFAR files have other checksums than the real release (tests only)."""

@@ -14,10 +14,15 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightning_kd.data.augment import KeyedTransform
+from lightning_kd.data.cache import cached_decode
 from lightning_kd.data.samplers import ClassPairBatchSampler, EpochSeededRandomSampler, ResumableLoader
 from lightning_kd.data.tensor_resident import CropFlipNormalize, DrawRecord, PerSampleCropFlip, TensorImageDataset
 
 __all__ = ["ClassificationDataModule", "TransformedSubset", "check_int", "read_image", "run_seed"]
+
+
+#: Splits of at least this many images are decoded by every core (worker start-up costs more than small ones take).
+_PARALLEL_DECODE_MIN = 4096
 
 
 def _accelerator_available() -> bool:
@@ -194,6 +199,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.tensor_resident = None if tensor_resident is None else bool(tensor_resident)
         self._batch_transform: Optional[CropFlipNormalize] = None  # set by setup() for tensor-resident splits
         self._served_fields: tuple[str, ...] = ()  # the training batches' per-sample fields (serve_fields)
+        self._decode_cache_dir: Optional[str] = None  # where decoded splits are cached (a subclass that keys them)
 
         self._class_names: Optional[list[str]] = None
         self.train_dataset: Optional[Dataset] = None
@@ -257,13 +263,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                 f"{self.num_classes}"
             )
         if self._decodes_to_tensors(train, test):
-            decode = self.decode_transform()
-            train, test = (
-                TensorImageDataset.decode(
-                    TransformedSubset(split, None, decode, _carried_fields(split)), self.num_workers
-                )
-                for split in (train, test)
-            )
+            train, test = self._decode_split(train, "training"), self._decode_split(test, "evaluation")
             self._batch_transform = self.batch_transform()
             train_tf, eval_tf = DrawRecord(self._batch_transform), None
         else:
@@ -332,6 +332,30 @@ class ClassificationDataModule(pl.LightningDataModule):
         """``"index"`` and the values the loaded training split's items carry (setting the module up)."""
         self.setup("fit")
         return ["index", *_carried_fields(self.train_dataset.dataset)]  # type: ignore[union-attr]
+
+    def decode_cache_key(self, split: Dataset) -> Optional[dict]:
+        """What the decoded pixels of ``split`` depend on (JSON-serialisable), for the cache of decoded splits
+        (:mod:`lightning_kd.data.cache`), the decode transform excepted (added by the caller); ``None``, the
+        default: the split is decoded in every process."""
+        return None
+
+    def _decode_split(self, split: Dataset, kind: str) -> TensorImageDataset:
+        """``split`` decoded into one uint8 tensor (:meth:`decode_transform`), from the cache when its key is there;
+        in parallel (every core, at most 8 workers) when large."""
+        decode, fields = self.decode_transform(), _carried_fields(split)
+        workers = self.num_workers
+        if len(split) >= _PARALLEL_DECODE_MIN:  # type: ignore[arg-type]
+            workers = max(workers, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8))
+
+        def run() -> TensorImageDataset:
+            progress = f"Decoding {len(split)} {kind} images"  # type: ignore[arg-type]
+            return TensorImageDataset.decode(TransformedSubset(split, None, decode, fields), workers, progress=progress)
+
+        key = None if fields or self._decode_cache_dir is None else self.decode_cache_key(split)
+        if key is None:
+            return run()
+        key = {**key, "decode": repr(decode)}
+        return cached_decode(key, self._decode_cache_dir, run, f"{kind} images of {self.root}")
 
     def _decodes_to_tensors(self, train: Dataset, test: Dataset) -> bool:
         """Whether :meth:`setup` keeps the splits as uint8 tensors (resolving ``tensor_resident=None``)."""

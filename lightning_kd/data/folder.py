@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from lightning_kd.data.augment import ResizedCropFlipNormalize
 from lightning_kd.data.base import ClassificationDataModule, check_int, read_image
+from lightning_kd.data.cache import cache_directory, file_fingerprint
 from lightning_kd.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from lightning_kd.data.tensor_resident import CropFlipNormalize
 
@@ -62,6 +63,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             ``image_size``, in memory) into one uint8 tensor and crop, flip and normalise whole batches on the
             training device (the same batches as the per-sample path, faster); ``None``: on for such sizes where it
             fits in memory (a quarter of the free memory).
+        decode_cache: where the tensor-resident splits are cached once decoded, so that the next process loads them
+            in seconds (:mod:`lightning_kd.data.cache`; keyed by every file's path, size, modification time and
+            class, and the decode transform: a changed file is decoded again): ``True`` for ``$LIGHTNING_KD_CACHE``
+            or ``~/.cache/lightning_kd``, a directory, or ``False`` for no cache.
         **kwargs: the loader arguments of ClassificationDataModule.
     """
 
@@ -72,10 +77,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
         tensor_resident: Optional[bool] = None,
+        decode_cache: Union[bool, str] = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=os.path.expanduser(str(root)), tensor_resident=tensor_resident, **kwargs)
         self.image_size = check_int("image_size", image_size, 1)
+        self._decode_cache_dir = cache_directory(decode_cache)
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std must have 3 (RGB) values, got mean={mean}, std={std}")
@@ -171,6 +178,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         if self.image_size > _SMALL_IMAGE_MAX:
             return None
         return CropFlipNormalize(padding=self.image_size // 8, mean=self.mean, std=self.std, seed=self.seed)
+
+    def decode_cache_key(self, split: Dataset) -> Optional[dict]:
+        """The files of an ``ImageFolder`` split (:func:`~lightning_kd.data.cache.file_fingerprint`)."""
+        if not isinstance(split, datasets.ImageFolder):
+            return None
+        return {"kind": "ImageFolder", "images": len(split.samples), "files": file_fingerprint(split.samples)}
 
     def decode_transform(self) -> Callable[[Any], torch.Tensor]:
         size = self.image_size

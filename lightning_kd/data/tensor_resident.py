@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 from torchvision.transforms.v2 import functional as TF
 
 from lightning_kd.data.augment import KeyedTransform, SampleRandom
@@ -46,11 +48,16 @@ class TensorImageDataset(Dataset):
         self.fields = fields
 
     @classmethod
-    def decode(cls, dataset: Dataset, num_workers: int = 0, batch_size: int = 512) -> "TensorImageDataset":
+    def decode(
+        cls, dataset: Dataset, num_workers: int = 0, batch_size: int = 512, progress: Optional[str] = None
+    ) -> "TensorImageDataset":
         """Decode every item of ``dataset`` (``(uint8 CHW tensor, target)`` pairs of one size, or triples whose third
         element, a dict of numbers or tensors, is kept as :attr:`fields`), ``num_workers`` DataLoader workers in
-        parallel."""
+        parallel; ``progress``: the description of a progress bar (shown on a terminal, by the first process)."""
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        if progress is not None:
+            shown = None if rank_zero_only.rank == 0 else True  # None: a bar where the output is a terminal
+            loader = tqdm(loader, desc=progress, unit="batch", leave=False, disable=shown)
         images, targets, *fields = zip(*loader)
         carried = {name: torch.cat([batch[name] for batch in fields[0]]) for name in fields[0][0]} if fields else None
         return cls(torch.cat(images), torch.cat(targets), carried)
