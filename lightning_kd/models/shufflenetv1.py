@@ -17,20 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_kd.models.layers import ShuffleBlock
+
 __all__ = ["ShuffleNetV1", "ShuffleV1"]
-
-
-class ShuffleBlock(nn.Module):
-    """Channel shuffle: (N, g*c, H, W) -> view (N, g, c) -> transpose -> (N, c*g, H, W)."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class Bottleneck(nn.Module):

@@ -19,20 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_kd.models.layers import ShuffleBlock
+
 __all__ = ["ShuffleNetV2", "ShuffleV2"]
-
-
-class ShuffleBlock(nn.Module):
-    """Channel shuffle with ``groups`` groups (2 in ShuffleNet V2)."""
-
-    def __init__(self, groups: int = 2) -> None:
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class SplitBlock(nn.Module):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lightning_kd.models.layers import init_conv_bn_linear
+
 __all__ = ["VGG", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
 
 # Output widths of the convs of each of the five blocks.
@@ -72,17 +74,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]
