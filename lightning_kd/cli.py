@@ -14,6 +14,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
+import warnings
 from typing import Optional
 
 from jsonargparse import Namespace
@@ -22,8 +23,19 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 import lightning_kd
 import lightning_kd.methods  # noqa: F401 - every method is known by its short name (--model KD) in any process
 from lightning_kd.catalog import configs_directory, shipped_config_path
-from lightning_kd.core import DistillationModule, RunCheckpoint, file_sha256, load_checkpoint_file
+from lightning_kd.core import (
+    DistillationModule,
+    FitSummary,
+    PredictionWriter,
+    RunCheckpoint,
+    file_sha256,
+    load_checkpoint_file,
+)
 from lightning_kd.data import ClassificationDataModule
+
+# pytorch_lightning's own pytree helper calls `isinstance(treespec, LeafSpec)`, which recent torch deprecates: a
+# warning about Lightning's code on every fit, nothing a user wrote or can change (Lightning will update the call).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # Model arguments the CLI links from the data module when it instantiates the classes: not part of a resume check.
 LINKED_MODEL_ARGUMENTS = ("num_classes", "teacher_classes", "num_samples")
@@ -116,7 +128,9 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
 
 class KDLightningCLI(LightningCLI):
-    """LightningCLI with the library's conventions: class count linked from the data, checkpoints on val/acc1."""
+    """LightningCLI with the library's conventions: class count linked from the data, checkpoints on val/acc1,
+    a summary at the end of fit (:class:`~lightning_kd.core.FitSummary`), predictions written by ``predict``
+    (:class:`~lightning_kd.core.PredictionWriter`, ``--predictions.path``)."""
 
     _model_counts_samples = False  # set before instantiation: the configured method declares sample_fields
 
@@ -139,6 +153,14 @@ class KDLightningCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # `predict --predictions.path out.csv` (or .pt) writes the predictions; without it predict writes nothing.
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def after_predict(self) -> None:
+        """Say how to keep the predictions when none were written."""
+        if self._get(self.config_init, "predictions").path is None:
+            print("lightning-kd: no predictions file written; add --predictions.path predictions.csv (or .pt) to "
+                  "write each image's predicted class and probabilities", flush=True)
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, the model is the one the checkpoint was written with (its class and arguments).
@@ -247,6 +269,7 @@ def cli_main(args=None, run: bool = True) -> KDLightningCLI:
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": [FitSummary()]},  # added to the callbacks given, never replaced by them
         args=args,
         run=run,
     )

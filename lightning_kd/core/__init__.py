@@ -11,7 +11,9 @@ from lightning_kd.core.module import (
     cifar_sgd,
     split_batch,
 )
+from lightning_kd.core.predictions import PredictionWriter, read_predictions
 from lightning_kd.core.stages import Stage
+from lightning_kd.core.summary import FitSummary
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     FlopsPerImage,
@@ -34,8 +36,10 @@ __all__ = [
     "BlackBoxTeacher",
     "DistillationModule",
     "FeatureHooks",
+    "FitSummary",
     "FlopsPerImage",
     "NonFiniteLossError",
+    "PredictionWriter",
     "QueryBudgetExceeded",
     "RunCheckpoint",
     "Stage",
@@ -59,6 +63,7 @@ __all__ = [
     "layer_shapes",
     "load_checkpoint_file",
     "load_weights",
+    "read_predictions",
     "read_state_dict",
     "resolve_modules",
     "restrict_classifier",

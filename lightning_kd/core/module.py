@@ -681,13 +681,19 @@ class DistillationModule(pl.LightningModule):
             self.named_metrics[prefix][name].update(values, y)
             self.log_dict(self.named_metrics[prefix][name])
         self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), batch_size=x.shape[0], sync_dist=True)
-        self.log_dict(metrics)
+        self._log_accuracy(metrics)
         # A teacher whose queries are counted (a black box) is not scored: each image would count against its budget.
         scored = self.teacher is not None and not getattr(self.teacher, "queries_are_counted", False)
         if teacher_metrics is not None and scored:
             teacher_metrics.update(self.teacher_forward(x), y)
-            self.log_dict(teacher_metrics)
+            self._log_accuracy(teacher_metrics)
         return logits
+
+    def _log_accuracy(self, metrics: MetricCollection) -> None:
+        """Log a collection of :func:`accuracy_metrics`; the top-1 ones (``val/acc1``, ``val/teacher_acc1``) also
+        in the progress bar, the others (top-5) only to the loggers, to keep the bar short."""
+        for name, metric in metrics.items():
+            self.log(name, metric, prog_bar=name.endswith("acc1"))
 
     def validation_step(self, batch, batch_idx: int):
         score_teacher = not self._teacher_scored and not self.trainer.sanity_checking
