@@ -60,6 +60,20 @@ def _short_name(spec) -> Optional[str]:
     return class_path.rsplit(".", 1)[-1] if class_path else type(spec).__name__
 
 
+def _dataset_name(data) -> Optional[str]:
+    """'cifar100' for CIFAR100DataModule, the root folder's name for an ImageFolder tree, the source's name for a
+    data module built on another (QueryPoolDataModule); None when the config names no data."""
+    if not hasattr(data, "get") or not data.get("class_path"):
+        return None
+    init = data.get("init_args") or Namespace()
+    if init.get("source") is not None:
+        return _dataset_name(init.get("source"))
+    name = data.get("class_path").rsplit(".", 1)[-1]
+    if name == "ImageFolderDataModule" and init.get("root"):
+        return os.path.basename(os.path.normpath(str(init.get("root"))))
+    return name.removesuffix("DataModule").lower()
+
+
 def _comparable(value):
     """A setting as plain data; a dotted name of a function (how checkpoints store one) as that function."""
     if isinstance(value, Namespace):
@@ -238,11 +252,16 @@ class KDLightningCLI(LightningCLI):
             init = logger.init_args
             model = config.model.init_args
             method = config.model.class_path.rsplit(".", 1)[-1]
-            pair = "->".join(n for n in (_short_name(model.get("teacher")), _short_name(model.get("student"))) if n)
+            teacher, student = _short_name(model.get("teacher")), _short_name(model.get("student"))
+            pair = "->".join(n for n in (teacher, student) if n)
+            dataset = _dataset_name(config.get("data"))
             if init.get("name") is None:
-                init["name"] = f"{method} {pair}"
+                init["name"] = " ".join(part for part in (method, pair, dataset) if part)
             if init.get("group") is None:
-                init["group"] = pair
+                init["group"] = " ".join(part for part in (dataset, pair) if part)
+            if init.get("tags") is None:  # filters on the W&B project page
+                labels = {"method": method, "dataset": dataset, "teacher": teacher, "student": student}
+                init["tags"] = [f"{key}:{value}" for key, value in labels.items() if value]
             if not init.get("offline") and not os.environ.get("WANDB_MODE") and not _wandb_credentials_available():
                 init["offline"] = True
                 # Where WandbLogger writes: its save_dir (or dir), else wandb's WANDB_DIR or the working directory.

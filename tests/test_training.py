@@ -1,5 +1,6 @@
 """Whole fits through the CLI: resume, export, W&B offline, bf16-mixed and 2-process DDP on the CPU."""
 import glob
+import json
 import os
 import struct
 import subprocess
@@ -110,11 +111,33 @@ def test_export_command_line(tiny_folder, teacher_ckpt, tmp_path):
 
 
 def wandb_history_keys(run_file: str) -> set[str]:
-    """Keys of the history records in a ``run-*.wandb`` file (LevelDB log framing of protobuf Records)."""
+    """Keys of the history records in a ``run-*.wandb`` file."""
+    keys = set()
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return keys
+
+
+def wandb_summary_and_tags(run_file: str) -> tuple[dict, list[str]]:
+    """The summary values (JSON-decoded, by key) and the run's tags recorded in a ``run-*.wandb`` file."""
+    summary, tags = {}, []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+        elif kind == "run":
+            tags = list(record.run.tags)
+    return summary, tags
+
+
+def wandb_records(run_file: str) -> list:
+    """The protobuf Records of a ``run-*.wandb`` file (LevelDB log framing)."""
     from wandb.proto import wandb_internal_pb2
 
     data = open(run_file, "rb").read()
-    block, position, pending, keys = 32 * 1024, 7, b"", set()  # 7-byte file header
+    block, position, pending, records = 32 * 1024, 7, b"", []  # 7-byte file header
     while position + 7 <= len(data):
         if block - position % block < 7:  # block trailer too small for a header: skip to the next block
             position += block - position % block
@@ -128,9 +151,8 @@ def wandb_history_keys(run_file: str) -> set[str]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
-    return keys
+            records.append(record)
+    return records
 
 
 def test_wandb_offline_logs_metrics_and_config(tiny_folder, teacher_ckpt, tmp_path, monkeypatch):
@@ -142,7 +164,8 @@ def test_wandb_offline_logs_metrics_and_config(tiny_folder, teacher_ckpt, tmp_pa
          f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.log_every_n_steps=1"]
     )
     experiment = cli.trainer.logger.experiment
-    assert experiment.name == "KD resnet20->resnet8"
+    dataset = os.path.basename(str(tiny_folder))
+    assert experiment.name == f"KD resnet20->resnet8 {dataset}" and experiment.group == f"{dataset} resnet20->resnet8"
     assert experiment.config["model"]["init_args"]["temperature"] == 4.0
     cli.trainer.logger.experiment.finish()
     run_files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -154,6 +177,11 @@ def test_wandb_offline_logs_metrics_and_config(tiny_folder, teacher_ckpt, tmp_pa
         time.sleep(1)
         keys = wandb_history_keys(run_files[0])
     assert expected <= keys
+    summary, tags = wandb_summary_and_tags(run_files[0])
+    assert sorted(tags) == sorted(["method:KD", f"dataset:{dataset}", "teacher:resnet20", "student:resnet8"])
+    best = json.loads((tmp_path / "checkpoints" / "fit_summary.json").read_text())
+    assert summary["best/val/acc1"] == pytest.approx(best["best"]) and summary["best/epoch"] == best["best_epoch"]
+    assert summary["best/gap_to_teacher_points"] == pytest.approx(best["gap_points"])
 
 
 def test_bf16_mixed_fit_on_cpu(tiny_folder, teacher_ckpt, tmp_path):

@@ -7,7 +7,8 @@
       teacher top-1: 83.70%   gap (best): -8.24 points
       checkpoints: best runs/.../best-epoch003.ckpt, last runs/.../last.ckpt
 
-The same figures go to ``fit_summary.json`` (accuracies as logged, fractions in [0, 1]).
+The same figures go to ``fit_summary.json`` (accuracies as logged, fractions in [0, 1]) and, with a W&B logger, to
+the W&B run's summary (``best/val/acc1``, ``best/epoch``, ...; W&B's own summary of ``val/acc1`` is its maximum).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_kd.core.checkpointing import write_atomically
@@ -33,6 +35,13 @@ def _network_name(spec: Any, network: Any) -> Optional[str]:
     if isinstance(class_path, str):
         return class_path.rsplit(".", 1)[-1]
     return None if network is None else type(network).__name__
+
+
+def _wandb_runs(trainer: pl.Trainer) -> list:
+    """The W&B runs of the trainer's W&B loggers (on the first process; none elsewhere)."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
 class FitSummary(pl.Callback):
@@ -69,6 +78,9 @@ class FitSummary(pl.Callback):
             stale = os.path.join(directory, self.filename)
             if os.path.isfile(stale):
                 os.remove(stale)
+        for experiment in _wandb_runs(trainer):  # W&B's summary of the accuracies: their best, not their last
+            experiment.define_metric(self.monitor, summary="max")
+            experiment.define_metric(self.teacher_monitor, summary="max")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -160,5 +172,10 @@ class FitSummary(pl.Callback):
                     handle.write(text)
 
             write_atomically(path, write)
+        for experiment in _wandb_runs(trainer):
+            experiment.summary.update({
+                f"best/{self.monitor}": summary["best"], "best/epoch": summary["best_epoch"],
+                f"last/{self.monitor}": summary["last"], "best/gap_to_teacher_points": summary["gap_points"],
+            })
         # print, not logging: the summary is the run's result and shows whatever the logging configuration.
         print(self.format(summary) + (f"\n  summary: {path}" if path else ""), flush=True)
