@@ -21,7 +21,7 @@ from lightning_kd.models import get_model
 CONFIGS = sorted(
     os.path.relpath(path, REPO)
     for path in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-    if os.sep + "logger" + os.sep not in path
+    if os.sep + "logger" + os.sep not in path and os.sep + "sweeps" + os.sep not in path
 )
 # Datasets whose method directories hold many teacher/student pairs of one method (RepDistiller's five, ...): their
 # configs are built and take one training step; a full CLI fit there is kept for two small reference configs (the

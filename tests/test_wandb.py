@@ -69,3 +69,22 @@ def test_every_wandb_run_keeps_its_own_config(tiny_folder, teacher_ckpt, tmp_pat
         config = yaml.safe_load(open(save_dir / "lightning-kd" / run_id / "config.yaml"))
         assert config["model"]["init_args"]["kd_weight"] == kd_weight
         assert glob.glob(str(save_dir / "wandb" / f"offline-run-*-{run_id}"))  # the W&B run of that id
+
+
+def test_the_shipped_sweep_runs_the_cli_with_a_trials_settings(tiny_folder, teacher_ckpt, tmp_path, monkeypatch):
+    """What `wandb agent` runs for a trial of configs/sweeps/*.yaml — its command, ${args} as `--name=value` — is a
+    valid lightning-kd command whose model and data take the trial's values."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sweep = yaml.safe_load(open(os.path.join(REPO, "configs", "sweeps", "kd_temperature_weight.yaml")))
+    assert sweep["command"][:3] == ["${env}", "lightning-kd", "fit"] and sweep["command"][-1] == "${args}"
+    trial = {name: spec["values"][-1] if "values" in spec else spec["value"]
+             for name, spec in sweep["parameters"].items()}
+    trial["data.init_args.root"] = str(tiny_folder)
+    arguments = [*sweep["command"][3:-1], *[f"--{name}={value}" for name, value in trial.items()]]
+    monkeypatch.chdir(REPO)  # the command names the configs from the repository's root
+    cli = cli_main([*arguments, f"--model.init_args.teacher_ckpt={teacher_ckpt}", "--data.init_args.num_workers=0",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/ckpt"],
+                   run=False)
+    assert cli.model.temperature == trial["model.init_args.temperature"]
+    assert cli.model.kd_weight == trial["model.init_args.kd_weight"] and cli.model.ce_weight == 0.1
+    assert sweep["metric"] == {"name": "val/acc1", "goal": "maximize"}
