@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
@@ -94,6 +94,17 @@ def accuracy_metrics(num_classes: int, prefix: str, postfix: str = "") -> Metric
         prefix=prefix,
         postfix=postfix,
     )
+
+
+def distillation_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sample: ``agreement`` (1 where student and teacher predict the same class, else 0) and
+    ``kl_teacher_student``, KL(softmax(t) ‖ softmax(s)) at temperature 1 (0·log 0 = 0), in float32."""
+    log_student = F.log_softmax(student_logits.float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    terms = log_teacher.exp() * (log_teacher - log_student)
+    kl = torch.where(log_teacher == float("-inf"), 0.0, terms).sum(-1)
+    agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+    return {"agreement": agreement, "kl_teacher_student": kl}
 
 
 def build_network(spec: Union[str, nn.Module], num_classes: int) -> nn.Module:
@@ -229,6 +240,11 @@ class DistillationModule(pl.LightningModule):
             format, faster for convolutions under mixed precision on recent GPUs.
         compile: ``torch.compile`` the student and the teacher (in place, so checkpoints keep their keys); a
             dict gives ``torch.compile``'s options, e.g. ``{mode: max-autotune}``.
+        kd_diagnostics: at every validation (and test), also run the teacher and log how the student relates to it:
+            ``val/agreement`` (share of images where both predict the same class), ``val/kl_teacher_student``
+            (mean KL(teacher ‖ student) at T = 1) and the expected calibration error of both (``val/ece``,
+            ``val/teacher_ece``; 15 bins). Costs one teacher forward of the validation set per epoch; a black-box
+            teacher is never asked (its queries are counted).
     """
 
     needs_teacher: Optional[bool] = None
@@ -247,6 +263,7 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable = cifar_multistep,
         channels_last: bool = False,
         compile: Union[bool, dict] = False,
+        kd_diagnostics: bool = True,
     ) -> None:
         super().__init__()
         modules = {"student": student, "teacher": teacher}
@@ -275,6 +292,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher_layers: list[str] = []
         self._student_hooks: Optional[FeatureHooks] = None
         self._teacher_hooks: Optional[FeatureHooks] = None
+        self.kd_diagnostics = bool(kd_diagnostics)
         self._add_metrics(num_classes)
         self.input_shape: Optional[tuple[int, ...]] = None  # one sample's shape, saved for export
         self.channels_last = bool(channels_last)
@@ -290,6 +308,16 @@ class DistillationModule(pl.LightningModule):
         self.test_metrics = accuracy_metrics(num_classes, "test/")
         self.teacher_val_metrics = accuracy_metrics(num_classes, "val/teacher_")
         self.teacher_test_metrics = accuracy_metrics(num_classes, "test/teacher_")
+        # How the student relates to its teacher (kd_diagnostics), by stage; the student's calibration always.
+        self.diagnostics = nn.ModuleDict({
+            stage: nn.ModuleDict({
+                "ece": MulticlassCalibrationError(num_classes, n_bins=15),
+                "teacher_ece": MulticlassCalibrationError(num_classes, n_bins=15),
+                "agreement": MeanMetric(),
+                "kl_teacher_student": MeanMetric(),
+            })
+            for stage in ("val", "test")
+        })
         # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
         self.named_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
         self._teacher_scored = False
@@ -682,11 +710,22 @@ class DistillationModule(pl.LightningModule):
             self.log_dict(self.named_metrics[prefix][name])
         self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), batch_size=x.shape[0], sync_dist=True)
         self._log_accuracy(metrics)
+        diagnostics = self.diagnostics[prefix]
+        diagnostics["ece"].update(logits.float(), y)
+        self.log(f"{prefix}/ece", diagnostics["ece"])
         # A teacher whose queries are counted (a black box) is not scored: each image would count against its budget.
         scored = self.teacher is not None and not getattr(self.teacher, "queries_are_counted", False)
-        if teacher_metrics is not None and scored:
-            teacher_metrics.update(self.teacher_forward(x), y)
-            self._log_accuracy(teacher_metrics)
+        if scored and (teacher_metrics is not None or self.kd_diagnostics):
+            teacher_logits = self.teacher_forward(x)
+            if teacher_metrics is not None:
+                teacher_metrics.update(teacher_logits, y)
+                self._log_accuracy(teacher_metrics)
+            if self.kd_diagnostics:
+                diagnostics["teacher_ece"].update(teacher_logits.float(), y)
+                self.log(f"{prefix}/teacher_ece", diagnostics["teacher_ece"])
+                for name, values in distillation_diagnostics(logits, teacher_logits).items():
+                    diagnostics[name].update(values)
+                    self.log(f"{prefix}/{name}", diagnostics[name])
         return logits
 
     def _log_accuracy(self, metrics: MetricCollection) -> None:
