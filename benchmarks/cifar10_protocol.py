@@ -155,6 +155,11 @@ CPU_ABLATIONS = {
 }
 
 
+# Methods whose loss ramps up over its first epochs: the share of the schedule it takes (mdistiller: 20 of 240 epochs
+# for DKD and ReviewKD); the configs' warmup_epochs is sized for their own max_epochs, not for --epochs.
+WARMUP_SHARE = {"dkd": 20 / 240, "reviewkd": 20 / 240}
+
+
 def cosine_schedule(epochs: int) -> list[str]:
     return ["--trainer.max_epochs", str(epochs), "--model.init_args.lr_scheduler.init_args.T_max", str(epochs)]
 
@@ -183,6 +188,9 @@ def cpu_schedule(method: str, args) -> tuple[int, list[str]]:
         keep = ["--model.init_args.keep", str(3 * args.batch_size // 4), "--model.init_args.mix_center",
                 str(args.batch_size // 2)]
         return epochs, cosine_schedule(epochs) + keep
+    if method in WARMUP_SHARE:  # the loss's warm-up keeps its share of the schedule (0 epochs: none at 4 epochs)
+        warmup = round(WARMUP_SHARE[method] * epochs)
+        return epochs, cosine_schedule(epochs) + ["--model.init_args.warmup_epochs", str(warmup)]
     return epochs, cosine_schedule(epochs)
 
 

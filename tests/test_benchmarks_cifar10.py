@@ -106,3 +106,13 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     assert "| KD | 0, 1, 2 |" in markdown and "Run-to-run noise: sigma" in markdown
     assert "| BYOT exits, CE only (α=0, λ=0) | 0 |" in markdown
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_a_losss_warm_up_keeps_its_share_of_the_schedule():
+    """DKD's and ReviewKD's ramp takes mdistiller's 20 of 240 epochs of any --epochs, not the config's own count."""
+    protocol = load_script("cifar10_protocol")
+    for epochs, warmup in ((4, 0), (24, 2), (240, 20)):
+        args = protocol.parse_args(["--root", "data", "--epochs", str(epochs)])
+        for method in ("dkd", "reviewkd"):
+            _, overrides = protocol.cpu_schedule(method, args)
+            assert overrides[overrides.index("--model.init_args.warmup_epochs") + 1] == str(warmup)
