@@ -17,6 +17,14 @@ Profiles:
   ``--am_epochs_per_round`` epochs each). Baseline and KD run with seeds 0, 1 and 2, the rest with seed 0.
   Ablations (``CPU_ABLATIONS``, e.g. ``byot_exit_ce-s0``: BYOT's exits on the labels alone) run only when named
   by ``--only`` or ``--methods``.
+* ``cpu-cifar10-scarce``: where the papers' claims live, the student overfitting: a class-balanced subset of
+  CIFAR-10's training images (``--per_class`` of each class, drawn with ``--subset_seed``; the list of file names is
+  shipped in ``benchmarks/subsets/`` and written there from ``--root`` when missing), ``--epochs`` (100) epochs,
+  validation every ``--val_every`` (5) epochs for the curves. resnet20 alone on the subset (seed 0) is the teacher;
+  resnet8 students for every method but BYOT and MSD, whose students are resnet20 (their exits need stages of more
+  than one block). Every seed method runs with seeds 0, 1 and 2, each against its paper's control (``control`` in the
+  record): the student alone (Baseline of the same network), KD for UNIX KD, and Active Mixup's query budget spent
+  on random mixes (``active_mixup_random``) for Active Mixup, whose pool is the subset itself.
 * ``gpu-cifar100``: the full CIFAR-100 reference recipe of ``configs/cifar100/`` (240 epochs; RepDistiller's five
   pairs: teachers, students alone, KD, AT, SP, FSP, UNIX; and the configs of the other methods), schedules as the
   configs set them. Not sized for a CPU.
@@ -24,7 +32,7 @@ Profiles:
 Every run is ``lightning-kd fit`` (LightningCLI, run in this process) on a shipped config plus command-line
 overrides: the data root, seed, schedule, where the run writes (``<workdir>/<run name>``) and a CSV logger. A
 finished run is recorded at once in ``--results`` (one record per run, in the protocol's order: method, seed,
-student, teacher, final ``val/acc1``, epochs, train fraction, teacher images and forward FLOPs, wall and CPU
+student, teacher, final ``val/acc1``, final training and validation losses and their curves, epochs, train fraction, teacher images and forward FLOPs, wall and CPU
 time, the exact commands) and is skipped later; an unfinished one resumes from its ``last.ckpt`` (``--ckpt_path``). Runs
 start in the protocol's order (teachers, every method at the first seed, then the other seeds); a run whose teacher
 has not finished waits for a later call. Commands are run from the repository root.
@@ -44,6 +52,7 @@ import fcntl
 import glob
 import json
 import os
+import random
 import resource
 import shlex
 import shutil
@@ -75,9 +84,16 @@ class Run:
     teacher_run: Optional[str] = None
     overrides: list[str] = dataclasses.field(default_factory=list)
     on_request: bool = False  # an ablation: runs only when named by --only or --methods, never by default
+    control: Optional[str] = None  # the method this one's claim is measured against (cpu-cifar10-scarce)
 
     def model_init(self) -> dict:
-        return read_yaml(self.config)["model"]["init_args"]
+        """The config's model arguments, with the overrides of this run's student and teacher networks."""
+        init = dict(read_yaml(self.config)["model"]["init_args"])
+        for key in ("student", "teacher"):
+            flag = f"--model.init_args.{key}"
+            if flag in self.overrides:
+                init[key] = self.overrides[self.overrides.index(flag) + 1]
+        return init
 
     @property
     def data_prefix(self) -> str:
@@ -228,6 +244,111 @@ def cpu_cifar10_data(run: Run, args) -> list[str]:
             f"--{prefix}.num_workers", str(args.num_workers), "--data.seed", str(run.seed), *fraction]
 
 
+# --- cpu-cifar10-scarce -------------------------------------------------------------------------------------------
+SCARCE_TEACHER = "baseline_r20-s0"  # resnet20 alone on the subset: the teacher, and BYOT's and MSD's control at seed 0
+SUBSETS = os.path.join(REPO, "benchmarks", "subsets")
+
+# method -> (table label, config, teacher run, control method, extra overrides)
+SCARCE_METHODS = {
+    "baseline_r20": ("Baseline", "configs/folder/baseline/resnet20.yaml", None, None, []),
+    "baseline": ("Baseline", "configs/folder/baseline/resnet8.yaml", None, None, []),
+    "kd": ("KD", "configs/folder/kd/resnet20-resnet8.yaml", SCARCE_TEACHER, "baseline", []),
+    "lsr": ("Label smoothing", "configs/folder/lsr/resnet8.yaml", None, "baseline", []),
+    "tfkd_self": ("Tf-KD self", "configs/folder/tfkd_self/resnet8-resnet8.yaml", "baseline-s{seed}", "baseline", []),
+    "tfkd_reg": ("Tf-KD reg", "configs/folder/tfkd_reg/resnet8.yaml", None, "baseline", []),
+    "at": ("AT", "configs/folder/at/resnet20-resnet8.yaml", SCARCE_TEACHER, "baseline", []),
+    "sp": ("SP", "configs/folder/sp/resnet20-resnet8.yaml", SCARCE_TEACHER, "baseline", []),
+    "fsp": ("FSP", "configs/folder/fsp/resnet20-resnet8.yaml", SCARCE_TEACHER, "baseline", []),
+    "cskd": ("CS-KD", "configs/folder/cskd/resnet8.yaml", None, "baseline", []),
+    "byot": ("BYOT", "configs/folder/byot/resnet8.yaml", None, "baseline_r20", ["--model.init_args.student", "resnet20"]),
+    "msd": ("MSD", "configs/folder/msd/resnet8.yaml", None, "baseline_r20", ["--model.init_args.student", "resnet20"]),
+    "dml": ("DML", "configs/folder/dml/resnet8-resnet8.yaml", None, "baseline", []),
+    "unix": ("UNIX KD", "configs/folder/unix/resnet20-resnet8.yaml", SCARCE_TEACHER, "kd", []),
+    "active_mixup": ("Active Mixup", "configs/folder/active_mixup/resnet20-resnet8.yaml", SCARCE_TEACHER,
+                     "active_mixup_random", []),
+    "active_mixup_random": ("Active Mixup's budget on random mixes", "configs/folder/active_mixup/resnet20-resnet8.yaml",
+                            SCARCE_TEACHER, None, ["--model.init_args.selection", "random"]),
+}
+
+
+def subset_path(args) -> str:
+    return os.path.join(SUBSETS, f"cifar10_train_{args.per_class}_per_class_seed{args.subset_seed}.txt")
+
+
+def class_balanced_subset(train_dir: str, per_class: int, seed: int) -> list[str]:
+    """``per_class`` images of each class folder of ``train_dir`` (paths relative to it), drawn with ``seed``
+    from the sorted file names of that class: the same list on any machine holding the same tree."""
+    names = []
+    for label in sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir()):
+        files = sorted(os.listdir(os.path.join(train_dir, label)))
+        if len(files) < per_class:
+            raise ValueError(f"{train_dir}/{label} has {len(files)} images, fewer than --per_class {per_class}")
+        names += [f"{label}/{name}" for name in sorted(random.Random(f"{seed}-{label}").sample(files, per_class))]
+    return names
+
+
+def ensure_subset(args) -> str:
+    """The shipped list of the subset's file names; written from ``--root`` when it is not there yet."""
+    path = subset_path(args)
+    if not os.path.isfile(path):
+        names = class_balanced_subset(os.path.join(args.root, "train"), args.per_class, args.subset_seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            file.write(f"# CIFAR-10 training images, {args.per_class} per class, drawn with seed {args.subset_seed} "
+                       "(benchmarks/cifar10_protocol.py class_balanced_subset)\n" + "\n".join(names) + "\n")
+        log(f"wrote the subset's file list {os.path.relpath(path, REPO)} ({len(names)} images)")
+    return os.path.relpath(path, REPO)  # commands name it as the configs, from the repository root
+
+
+def scarce_schedule(method: str, args) -> tuple[int, list[str]]:
+    """Epochs and schedule overrides of a run: ``cpu_schedule``'s, validating every ``--val_every`` epochs (FSP's
+    first stage takes ``--val_every`` epochs so that the last epoch is validated), KD diagnostics off."""
+    quiet = ["--model.init_args.kd_diagnostics", "false"]
+    if method.startswith("active_mixup"):
+        epochs, overrides = cpu_schedule("active_mixup", args)
+        return epochs, overrides + quiet
+    every = ["--trainer.check_val_every_n_epoch", str(args.val_every)]
+    if method == "fsp":
+        epochs = args.epochs + args.val_every
+        return epochs, [
+            "--trainer.max_epochs", str(epochs), "--model.init_args.stage1_epochs", str(args.val_every),
+            "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs), *every, *quiet,
+        ]
+    epochs, overrides = cpu_schedule(method.removesuffix("_r20"), args)
+    return epochs, overrides + every + quiet
+
+
+def cpu_cifar10_scarce_runs(args) -> list[Run]:
+    def run_at(method: str, seed: int) -> Run:
+        label, config, teacher_run, control, extra = SCARCE_METHODS[method]
+        epochs, overrides = scarce_schedule(method, args)
+        return Run(f"{method}-s{seed}", method, label, config, seed, epochs,
+                   teacher_run.format(seed=seed) if teacher_run else None, overrides + extra, control=control)
+
+    methods = [(method, lambda seed, method=method: [run_at(method, seed)]) for method in SCARCE_METHODS]
+    seeds = args.seeds if args.seeds is not None else list(NOISE_SEEDS)  # every method: its claim needs the noise
+    return in_protocol_order([], methods, seeds)
+
+
+def cpu_cifar10_scarce_settings(args) -> dict:
+    return {
+        "profile": "cpu-cifar10-scarce", "teacher": "resnet20", "student": "resnet8 (BYOT, MSD: resnet20)",
+        "subset": os.path.relpath(subset_path(args), REPO), "per_class": args.per_class,
+        "subset_seed": args.subset_seed, "epochs": args.epochs, "val_every": args.val_every,
+        "train_fraction": 1.0, "batch_size": args.batch_size,
+        "optimizer": "SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, cosine",
+        "active_mixup": {"pool": args.am_pool, "rounds": args.am_rounds, "queries_per_round": args.am_queries,
+                         "candidates": args.am_candidates, "epochs_per_round": args.am_epochs_per_round},
+    }
+
+
+def cpu_cifar10_scarce_data(run: Run, args) -> list[str]:
+    prefix = run.data_prefix
+    return [f"--{prefix}.root", args.root, f"--{prefix}.train_subset", ensure_subset(args),
+            f"--{prefix}.batch_size", str(args.batch_size), f"--{prefix}.num_workers", str(args.num_workers),
+            "--data.seed", str(run.seed)]
+
+
 # --- gpu-cifar100 -------------------------------------------------------------------------------------------------
 CIFAR100_PAIRS = [("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("resnet110", "resnet32"),
                   ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")]
@@ -285,6 +406,9 @@ def gpu_cifar100_data(run: Run, args) -> list[str]:
 PROFILES = {
     "cpu-cifar10": (cpu_cifar10_runs, cpu_cifar10_settings, cpu_cifar10_data,
                     "data/cifar10-jpeg", "benchmarks/results/cifar10_cpu.json", "runs/cifar10_protocol"),
+    "cpu-cifar10-scarce": (cpu_cifar10_scarce_runs, cpu_cifar10_scarce_settings, cpu_cifar10_scarce_data,
+                           "data/cifar10-jpeg", "benchmarks/results/cifar10_scarce_cpu.json",
+                           "runs/cifar10_scarce_protocol"),
     "gpu-cifar100": (gpu_cifar100_runs, gpu_cifar100_settings, gpu_cifar100_data,
                      "data", "benchmarks/results/cifar100_gpu.json", "runs/cifar100_protocol"),
 }
@@ -346,6 +470,14 @@ def final_values(rows: list[dict[str, str]]) -> dict[str, float]:
     return {key: float(value) for row in rows for key, value in row.items()}
 
 
+def loss_curve(rows: list[dict[str, str]]) -> list[dict[str, float]]:
+    """Per validated epoch: the epoch, that epoch's training loss, and the validation loss and top-1."""
+    train = {row["epoch"]: float(row["train/loss_epoch"]) for row in rows if "train/loss_epoch" in row}
+    return [{"epoch": int(float(row["epoch"])), "train_loss": train.get(row["epoch"]),
+             "val_loss": float(row["val/loss"]), "val_acc1": float(row["val/acc1"])}
+            for row in rows if "val/acc1" in row and "val/loss" in row]
+
+
 def result_record(run: Run, run_dir: str, settings: dict, sittings: list[dict]) -> Optional[dict]:
     """The run's record, or ``None`` when its logs do not reach the last epoch's validation."""
     rows = logged_metrics(run_dir)
@@ -365,6 +497,10 @@ def result_record(run: Run, run_dir: str, settings: dict, sittings: list[dict]) 
         "student": init["student"],
         "teacher": init.get("teacher"),
         "val_acc1": float(validated[-1]["val/acc1"]),
+        "final_train_loss": final.get("train/loss_epoch"),
+        "final_val_loss": final.get("val/loss"),
+        "curve": loss_curve(rows),
+        "control": run.control,
         "epochs": run.epochs,
         "train_fraction": settings.get("train_fraction", 1.0),
         "teacher_images": int(final["teacher/images"]) if "teacher/images" in final else 0,
@@ -440,9 +576,12 @@ def parse_args(argv=None):
                         "and KD, 0 for the others)")
     parser.add_argument("--dry_run", action="store_true", help="print each run's status and command, run nothing")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more make a shared CPU slower)")
-    cpu = parser.add_argument_group("cpu-cifar10 schedule")
-    cpu.add_argument("--teacher_epochs", type=int, default=10)
-    cpu.add_argument("--epochs", type=int, default=4, help="epochs of every student run")
+    cpu = parser.add_argument_group("cpu-cifar10 and cpu-cifar10-scarce schedules")
+    cpu.add_argument("--teacher_epochs", type=int, default=10, help="cpu-cifar10: epochs of the teacher")
+    cpu.add_argument("--epochs", type=int, help="epochs of every student run (cpu-cifar10: 4, scarce: 100)")
+    cpu.add_argument("--per_class", type=int, default=100, help="scarce: training images of each class")
+    cpu.add_argument("--subset_seed", type=int, default=0, help="scarce: the seed drawing the subset")
+    cpu.add_argument("--val_every", type=int, default=5, help="scarce: epochs between validations")
     cpu.add_argument("--train_fraction", type=float, default=1.0, help="fraction of the training batches per epoch")
     cpu.add_argument("--batch_size", type=int, default=128)
     cpu.add_argument("--num_workers", type=int, default=1)
@@ -453,6 +592,8 @@ def parse_args(argv=None):
     cpu.add_argument("--am_epochs_per_round", type=int, default=8)
     args = parser.parse_args(argv)
     _, _, _, root, results, workdir = PROFILES[args.profile]
+    if args.epochs is None:
+        args.epochs = 100 if args.profile == "cpu-cifar10-scarce" else 4
     args.root = os.path.abspath(args.root or root)
     args.results = os.path.abspath(args.results or os.path.join(REPO, results))
     args.workdir = os.path.abspath(args.workdir or workdir)

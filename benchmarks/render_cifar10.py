@@ -11,6 +11,11 @@ methods run with several seeds; a difference counts as beyond the noise when it 
 2·sigma·sqrt(1/n + 1/n_Baseline). The markdown is printed and written; the plot has two panels: top-1 per method
 with the seeds and their spread, and top-1 against the images the teacher was asked about (KD, UNIX KD, and
 Active Mixup after each query round).
+
+Results of the ``cpu-cifar10-scarce`` profile (records naming their ``control``) get a table of claims instead: each
+method against its paper's control (Baseline of the same student, KD for UNIX KD, random mixes for Active Mixup),
+held when the difference is above the noise band, with the final training and test losses; and a second plot
+(``<plot>_curves.png``) of the training and test loss curves, with the pilot's (``--pilot``) when given.
 """
 from __future__ import annotations
 
@@ -161,6 +166,118 @@ def noise_statement(groups: dict[tuple, list[dict]], sigma: float, freedom: int)
     return text
 
 
+def is_scarce(results: dict) -> bool:
+    return (results.get("protocol") or {}).get("profile") == "cpu-cifar10-scarce"
+
+
+def control_of(groups: dict[tuple, list[dict]], method: str, control: str, student: str) -> tuple[tuple, list[dict]]:
+    """The control group of a claim: the control method's runs with the same student (resnet20 alone for BYOT)."""
+    for key, records in groups.items():
+        if key[0] == control and records[0]["student"] == student:
+            return key, records
+    return (control, student, ""), []
+
+
+def mean_of(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def render_claims(results: dict, plot_link: str | None) -> str:
+    """The scarce profile's table: every claim against its control, held or not beyond the noise."""
+    protocol, groups = results["protocol"], group_runs(results["runs"])
+    sigma, freedom = pooled_std(groups)
+    lines = [
+        f"CIFAR-10, {protocol['per_class']} training images per class ({10 * protocol['per_class']:,} in all, the "
+        f"list `{protocol['subset']}`), {protocol['epochs']} epochs (batch {protocol['batch_size']}, "
+        f"{protocol['optimizer']}), validated every {protocol['val_every']} epochs; teacher resnet20 trained alone on "
+        "the same subset (seed 0). Top-1 on all the test images after the last epoch, mean ± std over seeds.", "",
+        "| Claim | Control | Student | Seeds | Top-1 (%) | Control top-1 (%) | Δ | Noise band (2 s.e.) | Held? "
+        "| Train loss | Test loss (min → final) | CPU min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, student, teacher), records in groups.items():
+        control = records[0].get("control")
+        if method == "teacher":
+            continue
+        values = [percent(r["val_acc1"]) for r in records]
+        mean, std = mean_std(values)
+        accuracy = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+        minimum = statistics.fmean(min(p["val_loss"] for p in r["curve"]) for r in records)
+        losses = f"{mean_of(records, 'final_train_loss'):.3f}", f"{minimum:.2f} → {mean_of(records, 'final_val_loss'):.2f}"
+        cpu = statistics.fmean(r["cpu_s"] for r in records) / 60
+        seeds = ", ".join(str(r["seed"]) for r in records)
+        if control is None:
+            lines.append(f"| {records[0]['label']} (control) | — | {student} | {seeds} | {accuracy} | | | | "
+                         f"| {losses[0]} | {losses[1]} | {cpu:.0f} |")
+            continue
+        (_, _, _), controls = control_of(groups, method, control, student)
+        label_control = controls[0]["label"] if controls else control
+        if not controls:
+            lines.append(f"| {records[0]['label']} | {label_control} | {student} | {seeds} | {accuracy} | not run "
+                         f"| | | | {losses[0]} | {losses[1]} | {cpu:.0f} |")
+            continue
+        control_values = [percent(r["val_acc1"]) for r in controls]
+        control_mean, control_std = mean_std(control_values)
+        difference = mean - control_mean
+        band = 2 * sigma * math.sqrt(1 / len(values) + 1 / len(control_values)) if freedom else float("nan")
+        held = "?" if math.isnan(band) else "held" if difference > band else "not held"
+        control_text = f"{control_mean:.2f} ± {control_std:.2f}" if len(control_values) > 1 else f"{control_mean:.2f}"
+        lines.append(f"| {records[0]['label']} | {label_control} | {student} | {seeds} | {accuracy} | {control_text} "
+                     f"| {difference:+.2f} | ±{band:.2f} | {held} | {losses[0]} | {losses[1]} | {cpu:.0f} |")
+    runs = results["runs"]
+    cpu_hours = sum(r["cpu_s"] for r in runs) / 3600
+    noise = (f"Noise: sigma = {sigma:.2f} points, the pooled standard deviation over seeds of every method run with "
+             f"several ({freedom} degrees of freedom); a claim holds when its Δ exceeds 2·sigma·sqrt(1/n + "
+             "1/n_control)." if freedom else "Noise: not measured yet (no method has two seeds).")
+    lines += ["", noise, "", f"Finished runs: {len(runs)}, {cpu_hours:.1f} CPU-hours in all."]
+    if plot_link:
+        stem, ext = os.path.splitext(plot_link)
+        lines += ["", f"![Top-1 per method]({plot_link})", "", f"![Loss curves]({stem}_curves{ext})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_curves(results: dict, path: str, pilot: dict | None) -> None:
+    """Training and test loss against epochs: the Baselines of each seed, every method at its first seed, and the
+    pilot's runs when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(results["runs"])
+    panels = 3 if pilot else 2
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5))
+    baselines, methods = axes[0], axes[1]
+    for (method, student, _), records in groups.items():
+        if records[0].get("control") is None and not method.startswith("active_mixup"):
+            for record in records:
+                epochs = [p["epoch"] + 1 for p in record["curve"]]
+                line, = baselines.plot(epochs, [p["train_loss"] for p in record["curve"]], "--", lw=1)
+                baselines.plot(epochs, [p["val_loss"] for p in record["curve"]], "-", color=line.get_color(),
+                               label=f"{record['label']} {student} seed {record['seed']}")
+        elif not method.startswith("active_mixup"):
+            record = records[0]
+            methods.plot([p["epoch"] + 1 for p in record["curve"]], [p["val_loss"] for p in record["curve"]],
+                         label=f"{record['label']} ({student})", lw=1)
+    baselines.set_title("Students alone: training (dashed) and test (solid) loss")
+    methods.set_title("Test loss of every method (first seed)")
+    if pilot:
+        for run in pilot["runs"]:
+            epochs = [p["epoch"] + 1 for p in run["curve"]]
+            line, = axes[2].plot(epochs, [p["train_loss"] for p in run["curve"]], "--", lw=1)
+            axes[2].plot(epochs, [p["val_loss"] for p in run["curve"]], "-", color=line.get_color(), label=run["label"])
+        axes[2].set_title("Pilot: Baseline resnet8, training (dashed) and test (solid) loss")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("cross-entropy")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def render_plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -233,6 +350,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks/results/cifar10_cpu.json"))
     parser.add_argument("--markdown", help="default: the results' path ending in .md")
     parser.add_argument("--plot", help="default: the results' path ending in .png")
+    parser.add_argument("--pilot", help="scarce profile: the pilot's curves (JSON), plotted beside the runs'")
     args = parser.parse_args(argv)
     stem = os.path.splitext(args.results)[0]
     markdown_path, plot_path = args.markdown or stem + ".md", args.plot or stem + ".png"
@@ -240,7 +358,15 @@ def main(argv=None) -> None:
         results = json.load(file)
     render_plot(results, plot_path)
     link = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
-    markdown = render_markdown(results, link)
+    if is_scarce(results):
+        pilot = None
+        if args.pilot:
+            with open(args.pilot) as file:
+                pilot = json.load(file)
+        render_curves(results, os.path.splitext(plot_path)[0] + "_curves.png", pilot)
+        markdown = render_claims(results, link)
+    else:
+        markdown = render_markdown(results, link)
     with open(markdown_path, "w") as file:
         file.write(markdown)
     print(markdown, end="")

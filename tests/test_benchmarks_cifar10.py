@@ -116,3 +116,54 @@ def test_a_losss_warm_up_keeps_its_share_of_the_schedule():
         for method in ("dkd", "reviewkd"):
             _, overrides = protocol.cpu_schedule(method, args)
             assert overrides[overrides.index("--model.init_args.warmup_epochs") + 1] == str(warmup)
+
+
+SCARCE_METHODS = ["baseline_r20", "baseline", "kd", "tfkd_self", "fsp", "byot", "unix", "active_mixup",
+                  "active_mixup_random"]
+
+
+def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control(tmp_path, monkeypatch):
+    """cpu-cifar10-scarce: the subset's list is written once and every run trains on it alone; the records carry
+    each method's control, the final losses and the loss curves; BYOT's student is resnet20 (against resnet20
+    alone), Active Mixup's pool is the subset and its control spends the same queries on random mixes."""
+    monkeypatch.chdir(tmp_path)
+    root = write_tiny_image_folder(tmp_path / "data", classes=4, per_class=16, splits=("train", "test"))
+    protocol, render = load_script("cifar10_protocol"), load_script("render_cifar10")
+    monkeypatch.setattr(protocol, "SUBSETS", str(tmp_path / "subsets"))
+    results_path = tmp_path / "scarce.json"
+    arguments = ["--profile", "cpu-cifar10-scarce", "--root", root, "--workdir", str(tmp_path / "runs"),
+                 "--results", str(results_path), "--per_class", "4", "--epochs", "2", "--val_every", "1",
+                 "--batch_size", "8", "--num_workers", "0", "--seeds", "0", "--am_pool", "16", "--am_rounds", "1",
+                 "--am_queries", "8", "--am_candidates", "32", "--am_epochs_per_round", "1", "--methods",
+                 *SCARCE_METHODS]
+    assert protocol.main(arguments) == 0
+
+    listing = (tmp_path / "subsets" / "cifar10_train_4_per_class_seed0.txt").read_text().split("\n")
+    names = [line for line in listing[1:] if line]
+    assert len(names) == 16 and [name.split("/")[0] for name in names] == [f"class_{c:02d}" for c in range(4) for _ in range(4)]
+    assert protocol.class_balanced_subset(os.path.join(root, "train"), 4, 0) == names  # the same draw again
+    assert protocol.class_balanced_subset(os.path.join(root, "train"), 4, 1) != names
+
+    runs = {record["name"]: record for record in json.loads(results_path.read_text())["runs"]}
+    assert list(runs) == [f"{method}-s0" for method in SCARCE_METHODS]
+    controls = {name: record["control"] for name, record in runs.items()}
+    assert controls == {"baseline_r20-s0": None, "baseline-s0": None, "kd-s0": "baseline", "tfkd_self-s0": "baseline",
+                        "fsp-s0": "baseline", "byot-s0": "baseline_r20", "unix-s0": "kd",
+                        "active_mixup-s0": "active_mixup_random", "active_mixup_random-s0": None}
+    assert runs["byot-s0"]["student"] == "resnet20" and "--model.init_args.student resnet20" in runs["byot-s0"]["commands"][0]
+    steps = 2  # 16 images of the subset, batches of 8: the other 48 training images are left out
+    assert runs["kd-s0"]["teacher_images"] == steps * 8 * 2
+    assert runs["fsp-s0"]["epochs"] == 3  # a first stage of --val_every epochs, so the last epoch is validated
+    for record in runs.values():
+        assert record["final_train_loss"] > 0 and record["final_val_loss"] > 0
+        assert [point["epoch"] for point in record["curve"]][-1] == record["epochs"] - 1
+    assert [queries for queries, _ in runs["active_mixup-s0"]["accuracy_vs_queries"]] == [16, 24]
+    assert [queries for queries, _ in runs["active_mixup_random-s0"]["accuracy_vs_queries"]] == [16, 24]
+    assert "--model.init_args.selection random" in runs["active_mixup_random-s0"]["commands"][0]
+    assert all("--data.train_subset" in record["commands"][0] or "--data.source.train_subset" in record["commands"][0]
+               for record in runs.values())
+
+    render.main(["--results", str(results_path)])
+    markdown = (tmp_path / "scarce.md").read_text()
+    assert "| Claim | Control |" in markdown and "| UNIX KD | KD |" in markdown
+    assert (tmp_path / "scarce.png").stat().st_size > 0 and (tmp_path / "scarce_curves.png").stat().st_size > 0

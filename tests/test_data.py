@@ -307,6 +307,41 @@ def test_image_folder_errors(tmp_path):
     assert "differ" in message and "missing from val/: ['b']" in message and "not in train/: ['z']" in message
 
 
+def test_image_folder_train_subset_keeps_the_listed_images_only(tmp_path):
+    """``train_subset`` trains on the listed files of train/ (both data paths, the decode cache keyed by them); the
+    held-out split stays whole; a bad list is one error naming what is wrong."""
+    root = write_tiny_image_folder(tmp_path / "ds", ["ant", "bee"], per_class=4, size=32, ext="jpg")
+    listing = tmp_path / "subset.txt"
+    listing.write_text("# two of each\nant/0001.jpg\nbee/0003.jpg\n\nant/0000.jpg\nbee/0002.jpg\n")
+    for resident in (False, True):
+        dm = ImageFolderDataModule(root=root, batch_size=8, num_workers=0, pin_memory=False, tensor_resident=resident,
+                                   train_subset=str(listing), decode_cache=str(tmp_path / "cache"))
+        dm.setup("fit")
+        assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 8
+        assert sorted(dm.train_dataset.targets) == [0, 0, 1, 1]
+        x, y = next(iter(dm.train_dataloader()))
+        assert x.shape[0] == 4 and sorted(y.tolist()) == [0, 0, 1, 1]
+    whole = ImageFolderDataModule(root=root, num_workers=0, tensor_resident=True, decode_cache=str(tmp_path / "cache"))
+    whole.setup("fit")
+    assert len(whole.train_dataset) == 8  # not the subset's cached pixels
+
+    def error(text: str):
+        listing.write_text(text)
+        dm = ImageFolderDataModule(root=root, train_subset=str(listing), **FAST)
+        dm.setup("fit")
+
+    with pytest.raises(FileNotFoundError, match=r"names 1 image\(s\) not in .*: ant/0009.jpg"):
+        error("ant/0000.jpg\nant/0009.jpg\nbee/0000.jpg\n")
+    with pytest.raises(ValueError, match=r"lists \['ant/0000.jpg'\] more than once"):
+        error("ant/0000.jpg\nant/0000.jpg\nbee/0000.jpg\n")
+    with pytest.raises(ValueError, match=r"no image of the class\(es\) \['bee'\]"):
+        error("ant/0000.jpg\n")
+    with pytest.raises(ValueError, match="lists no image"):
+        error("# nothing\n")
+    with pytest.raises(FileNotFoundError, match="train_subset file .* does not exist"):
+        ImageFolderDataModule(root=root, train_subset=str(tmp_path / "nowhere.txt"))
+
+
 def test_an_unreadable_image_is_one_error_naming_its_file(tmp_path):
     root = write_tiny_image_folder(tmp_path, 2, per_class=2, ext="jpg")
     bad = os.path.join(root, "train", "class_01", "0001.jpg")
@@ -410,7 +445,7 @@ LOADER_VALUES = {"batch_size": 7, "num_workers": 0, "pin_memory": False, "persis
         ("CIFAR100DataModule", {"root": "data", "download": True, "tensor_resident": None}, ()),
         ("ImageFolderDataModule",
          {"root": None, "image_size": 32, "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "tensor_resident": None,
-          "decode_cache": True}, ()),
+          "decode_cache": True, "train_subset": None}, ()),
         ("ImageNetDataModule",
          {"root": None, "subset": None, "subset_seed": None, "images_per_class": None, "image_size": 224},
          ("tensor_resident",)),

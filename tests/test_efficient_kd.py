@@ -19,6 +19,7 @@ from lightning_kd.methods import (
     ActiveMixup,
     ActiveMixupRounds,
     least_confident_mixes,
+    random_mixes,
     soft_target_loss,
     uncertainty,
     unix_loss_terms,
@@ -238,6 +239,34 @@ def test_selection_picks_the_least_confident_mixes_with_their_weights():
     assert [(first[i].item(), second[i].item()) for i in chosen] == [(0, 1), (0, 2), (0, 3)]
     torch.testing.assert_close(weights, torch.tensor([0.5, 0.7, 0.7]))
     assert student.training  # scored in eval mode, mode restored
+
+
+def test_random_selection_spends_the_same_queries_on_mixes_drawn_blind(tiny_cifar10, tmp_path, monkeypatch):
+    """``selection="random"`` (the paper's random-mixup control): the same rounds and queries, pairs and weights drawn
+    at random from the candidates and the weight grid, never scored by the student."""
+    weights = torch.linspace(0.3, 0.7, 11)
+    torch.manual_seed(0)
+    chosen, drawn = random_mixes(6, weights, 4)
+    assert len(set(chosen.tolist())) == 4 and set(chosen.tolist()) <= set(range(6))
+    assert all(any(torch.isclose(w, weights)) for w in drawn)
+    assert len(random_mixes(3, weights, 4)[0]) == 3  # fewer candidates than queries: every candidate
+
+    teacher = small_cnn().eval()
+    module = active_mixup(teacher, rounds=2, selection="random")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the random control scored candidates with the student")
+
+    monkeypatch.setattr("lightning_kd.methods.active_mixup.least_confident_mixes", never)
+    data = pool_data(tiny_cifar10)
+    trainer(tmp_path, epochs=3, reload_dataloaders_every_n_epochs=1).fit(module, datamodule=data)
+    assert module.teacher.queries == 16 and len(data.targets) == 16  # the active run's budget (see below)
+    assert len({(i, j) for i, j in zip(data.first[8:].tolist(), data.second[8:].tolist())}) == 8
+    with torch.no_grad():
+        answers = teacher(mix_images(data.pool, data.first, data.second, data.weight)).softmax(-1)
+    torch.testing.assert_close(data.targets, answers)
+    with pytest.raises(ValueError, match=r"selection must be one of \('least_confident', 'random'\), got 'hardest'"):
+        active_mixup(selection="hardest")
 
 
 def test_active_mixup_grows_the_set_each_round_with_the_teachers_probabilities(tiny_cifar10, tmp_path):

@@ -22,6 +22,26 @@ __all__ = ["ImageFolderDataModule"]
 _SMALL_IMAGE_MAX = 64
 
 
+def read_file_list(path: str) -> list[str]:
+    """The file names listed in ``path``, one per line (blank lines and ``#`` comments skipped); an error names a
+    missing list, an empty one, an absolute path and a name listed twice."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ImageFolderDataModule: train_subset file {path!r} does not exist")
+    with open(path) as file:
+        names = [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise ValueError(f"ImageFolderDataModule: train_subset file {path!r} lists no image")
+    absolute = [name for name in names if os.path.isabs(name)]
+    if absolute:
+        raise ValueError(f"ImageFolderDataModule: train_subset {path!r} must name images relative to train/, "
+                         f"got {absolute[0]!r}")
+    seen: set[str] = set()
+    twice = sorted({name for name in names if name in seen or seen.add(name)})  # type: ignore[func-returns-value]
+    if twice:
+        raise ValueError(f"ImageFolderDataModule: train_subset {path!r} lists {twice[:5]} more than once")
+    return names
+
+
 def _find_classes(split_dir: str) -> list[str]:
     """Class folder names of ``split_dir``, sorted exactly like ``ImageFolder.find_classes``."""
     with os.scandir(split_dir) as it:
@@ -67,6 +87,9 @@ class ImageFolderDataModule(ClassificationDataModule):
             in seconds (:mod:`lightning_kd.data.cache`; keyed by every file's path, size, modification time and
             class, and the decode transform: a changed file is decoded again): ``True`` for ``$LIGHTNING_KD_CACHE``
             or ``~/.cache/lightning_kd``, a directory, or ``False`` for no cache.
+        train_subset: a text file naming the training images to train on, one path relative to ``train/`` per line
+            (``cat/0042.jpg``; blank lines and ``#`` comments are skipped); the other images of ``train/`` are left
+            out. Every named file must exist, each once. ``None``: every image of ``train/``.
         **kwargs: the loader arguments of ClassificationDataModule.
     """
 
@@ -78,10 +101,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         std: tuple[float, float, float] = CIFAR10_STD,
         tensor_resident: Optional[bool] = None,
         decode_cache: Union[bool, str] = True,
+        train_subset: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=os.path.expanduser(str(root)), tensor_resident=tensor_resident, **kwargs)
         self.image_size = check_int("image_size", image_size, 1)
+        self.train_subset = None if train_subset is None else os.path.expanduser(str(train_subset))
+        self._train_files = None if self.train_subset is None else read_file_list(self.train_subset)
         self._decode_cache_dir = cache_directory(decode_cache)
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
@@ -167,7 +193,29 @@ class ImageFolderDataModule(ClassificationDataModule):
             raise RuntimeError(
                 f"ImageFolderDataModule: the class folders under {self.root!r} changed since __init__"
             )
+        if self._train_files is not None:
+            self._keep_only(train, self._train_files)
         return train, test, list(train.classes)
+
+    def _keep_only(self, train: datasets.ImageFolder, files: list[str]) -> None:
+        """Restrict ``train`` to ``files`` (paths relative to ``train/``), in the folder's order."""
+        by_name = {os.path.relpath(path, self.train_dir).replace(os.sep, "/"): (path, target)
+                   for path, target in train.samples}
+        missing = [name for name in files if name not in by_name]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: train_subset {self.train_subset!r} names {len(missing)} image(s) not in "
+                f"{self.train_dir!r}: {', '.join(missing[:5])}{more}"
+            )
+        kept = set(files)
+        train.samples = [sample for name, sample in by_name.items() if name in kept]
+        train.imgs = train.samples
+        train.targets = [target for _, target in train.samples]
+        absent = sorted(set(self.class_names) - {train.classes[t] for t in train.targets})
+        if absent:
+            raise ValueError(f"ImageFolderDataModule: train_subset {self.train_subset!r} has no image of the "
+                             f"class(es) {absent}; every class of train/ needs at least one")
 
     def train_transform(self) -> Callable[..., torch.Tensor]:
         if self.image_size <= _SMALL_IMAGE_MAX:

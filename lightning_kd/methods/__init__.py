@@ -1,6 +1,12 @@
 """One file per paper: its loss as a pure function and its LightningModule."""
 from lightning_kd.methods.ab import AB, ABConnectors, ab_layer_loss, ab_loss
-from lightning_kd.methods.active_mixup import ActiveMixup, ActiveMixupRounds, least_confident_mixes, soft_target_loss
+from lightning_kd.methods.active_mixup import (
+    ActiveMixup,
+    ActiveMixupRounds,
+    least_confident_mixes,
+    random_mixes,
+    soft_target_loss,
+)
 from lightning_kd.methods.at import AT, at_loss, attention_energy
 from lightning_kd.methods.baseline import Baseline
 from lightning_kd.methods.byot import BYOT, byot_loss
@@ -58,7 +64,7 @@ __all__ = [
     "AB", "ab_loss", "ab_layer_loss", "ABConnectors",
     "CRD", "contrast_loss", "ContrastMemory", "ContrastSampler", "Embed",
     "LabelSmoothing", "TfKDReg", "TfKDSelf", "label_smoothing_loss", "tfkd_reg_loss", "tfkd_self_loss", "virtual_teacher",
-    "ActiveMixup", "ActiveMixupRounds", "least_confident_mixes", "soft_target_loss",
+    "ActiveMixup", "ActiveMixupRounds", "least_confident_mixes", "random_mixes", "soft_target_loss",
     "UNIXKD", "uncertainty", "unix_loss_terms", "unix_mix_weights",
     "VID", "vid_loss", "VIDRegressor",
     "OFD", "ofd_loss", "ofd_margin", "margin_from_batchnorm", "ofd_stage_weights", "OFDConnector",

@@ -80,6 +80,13 @@ def least_confident_mixes(
     return chosen, torch.cat(weights)[chosen]
 
 
+def random_mixes(pairs: int, mix_weights: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` of ``pairs`` candidate pairs drawn at random, each with a mix weight drawn from ``mix_weights``:
+    the control of the active selection (Wang et al.'s "random mixup", Fig. 4), the same budget spent blind."""
+    chosen = torch.randperm(pairs)[: min(count, pairs)].to(mix_weights.device)
+    return chosen, mix_weights[torch.randint(len(mix_weights), (len(chosen),)).to(mix_weights.device)]
+
+
 class ActiveMixupRounds(pl.Callback):
     """The query rounds of Active Mixup (Wang et al., CVPR 2020): it owns the growing pool and the teacher's queries.
 
@@ -96,8 +103,8 @@ class ActiveMixupRounds(pl.Callback):
     ``teacher_cost``. Under DDP the first process asks (:meth:`query_round`).
 
     Args:
-        rounds, queries_per_round, candidates, epochs_per_round, mix_range, mix_steps, score_batch_size: as
-            :class:`ActiveMixup`'s.
+        rounds, queries_per_round, candidates, epochs_per_round, mix_range, mix_steps, score_batch_size,
+            selection: as :class:`ActiveMixup`'s.
     """
 
     def __init__(
@@ -109,7 +116,9 @@ class ActiveMixupRounds(pl.Callback):
         mix_range: Sequence[float],
         mix_steps: int,
         score_batch_size: int,
+        selection: str = "least_confident",
     ) -> None:
+        self.selection = selection
         self.rounds = rounds
         self.queries_per_round = queries_per_round
         self.candidates = candidates
@@ -166,10 +175,13 @@ class ActiveMixupRounds(pl.Callback):
             weight = torch.ones(len(pool), device=device)
         else:
             first, second = (pairs.to(device) for pairs in self.candidate_pairs(data))
-            chosen, weight = least_confident_mixes(
-                module.student, pool, first, second, self.mix_weights.to(device), self.queries_per_round,
-                self.score_batch_size,
-            )
+            if self.selection == "random":
+                chosen, weight = random_mixes(len(first), self.mix_weights.to(device), self.queries_per_round)
+            else:
+                chosen, weight = least_confident_mixes(
+                    module.student, pool, first, second, self.mix_weights.to(device), self.queries_per_round,
+                    self.score_batch_size,
+                )
             first, second = first[chosen], second[chosen]
         probabilities = [
             module.teacher_forward(mix_images(pool, *chunk)).softmax(-1)
@@ -280,9 +292,12 @@ class ActiveMixup(DistillationModule):
         mix_range: the lowest and highest mix weight tried (the paper: 0.3 and 0.7).
         mix_steps: how many evenly spaced weights of ``mix_range`` are tried (their code: 11, a step of 0.04).
         score_batch_size: candidate pairs scored (and images queried) per forward pass.
+        selection: ``"least_confident"`` (the method) or ``"random"``: the same queries spent on candidate mixes
+            drawn at random, weights too (:func:`random_mixes`; the paper's random-mixup control).
     """
 
     needs_teacher = True
+    selections = ("least_confident", "random")
 
     def __init__(
         self,
@@ -294,9 +309,12 @@ class ActiveMixup(DistillationModule):
         mix_range: Sequence[float] = (0.3, 0.7),
         mix_steps: int = 11,
         score_batch_size: int = 1024,
+        selection: str = "least_confident",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if selection not in self.selections:
+            raise ValueError(f"selection must be one of {self.selections}, got {selection!r}")
         check_range("rounds", rounds, 0)
         check_range("queries_per_round", queries_per_round, 1)
         if candidates is not None:
@@ -313,7 +331,7 @@ class ActiveMixup(DistillationModule):
         else:
             self.teacher = freeze(BlackBoxTeacher(self.teacher, budget=query_budget))
         self.query_rounds = ActiveMixupRounds(
-            rounds, queries_per_round, candidates, epochs_per_round, (low, high), mix_steps, score_batch_size
+            rounds, queries_per_round, candidates, epochs_per_round, (low, high), mix_steps, score_batch_size, selection
         )
 
     def configure_callbacks(self) -> list[pl.Callback]:
