@@ -62,6 +62,20 @@ def configured_method(config_path: Path) -> Optional[str]:
     return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
 
 
+def config_writing(checkpoint: str) -> Optional[str]:
+    """The shipped config whose run writes the checkpoint file ``checkpoint`` (its ``checkpoint.dirpath`` is that
+    file's directory, relative to the working directory as the configs name it), e.g.
+    ``configs/cifar100/baseline/resnet56.yaml`` for ``runs/cifar100/baseline/resnet56/checkpoints/last.ckpt``."""
+    directory = os.path.abspath(os.path.dirname(checkpoint))
+    for name in shipped_configs():
+        with open(shipped_config_path(name)) as handle:
+            config = yaml.safe_load(handle)
+        written = (config.get("checkpoint") or {}).get("dirpath") if isinstance(config, dict) else None
+        if isinstance(written, str) and os.path.abspath(written) == directory:
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """One method class of :mod:`lightning_kd.methods`, the paper it implements and the configs that run it."""

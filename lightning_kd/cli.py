@@ -22,14 +22,17 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 import lightning_kd
 import lightning_kd.methods  # noqa: F401 - every method is known by its short name (--model KD) in any process
-from lightning_kd.catalog import configs_directory, shipped_config_path
+from lightning_kd.catalog import config_writing, configs_directory, shipped_config_path
 from lightning_kd.core import (
     DistillationModule,
     FitSummary,
+    PerClassReport,
     PredictionWriter,
     RunCheckpoint,
+    TeacherNotFoundError,
     file_sha256,
     load_checkpoint_file,
+    teacher_url,
 )
 from lightning_kd.data import ClassificationDataModule
 
@@ -108,8 +111,14 @@ def _resume_conflicts(configured: Namespace, recorded: Namespace, teacher_source
 
 
 def _names_recorded_teacher(path: Optional[str], teacher_source: dict) -> bool:
-    """Whether ``path`` is gone, unset or holds the very file the checkpoint recorded as its teacher."""
-    return path is None or not os.path.isfile(path) or file_sha256(path) == teacher_source["sha256"]
+    """Whether ``path`` is unset, names the URL the checkpoint's teacher was downloaded from (a URL or a published
+    teacher's short name), or is a local file that is gone or holds the very file the checkpoint recorded."""
+    if path is None:
+        return True
+    url = teacher_url(path)
+    if url is not None:
+        return url == teacher_source.get("url")
+    return not os.path.isfile(path) or file_sha256(path) == teacher_source["sha256"]
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -143,7 +152,8 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
 class KDLightningCLI(LightningCLI):
     """LightningCLI with the library's conventions: class count linked from the data, checkpoints on val/acc1,
-    a summary at the end of fit (:class:`~lightning_kd.core.FitSummary`), predictions written by ``predict``
+    a summary at the end of fit (:class:`~lightning_kd.core.FitSummary`), per-class results at the end of fit and
+    test (:class:`~lightning_kd.core.PerClassReport`), predictions written by ``predict``
     (:class:`~lightning_kd.core.PredictionWriter`, ``--predictions.path``)."""
 
     _model_counts_samples = False  # set before instantiation: the configured method declares sample_fields
@@ -288,7 +298,8 @@ def cli_main(args=None, run: bool = True) -> KDLightningCLI:
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [FitSummary()]},  # added to the callbacks given, never replaced by them
+        # added to the callbacks given, never replaced by them
+        trainer_defaults={"callbacks": [FitSummary(), PerClassReport()]},
         args=args,
         run=run,
     )
@@ -383,6 +394,17 @@ def resolve_config_arguments(command: list[str]) -> list[str]:
     return resolved
 
 
+def missing_teacher_message(error: TeacherNotFoundError) -> str:
+    """One line for a teacher checkpoint that is not there, naming the shipped config whose run writes it."""
+    config = config_writing(error.path)
+    message = f"lightning-kd: error: Teacher checkpoint not found: {error.path}"
+    if config is not None:
+        message += f"; train the teacher first: lightning-kd fit --config {config}"
+    if error.published is not None:
+        message += f" (or use a published one: --model.init_args.teacher_ckpt {error.published})"
+    return message
+
+
 def main(argv=None) -> None:
     """``lightning-kd``: the overview, the version, the library's subcommands, else LightningCLI."""
     command = sys.argv[1:] if argv is None else list(argv)
@@ -400,7 +422,10 @@ def main(argv=None) -> None:
             sys.exit(f"lightning-kd: error: {error}")
         if argv is None:
             sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself (and warns when given args besides)
-        cli_main(None if argv is None else resolved)
+        try:
+            cli_main(None if argv is None else resolved)
+        except TeacherNotFoundError as error:
+            sys.exit(missing_teacher_message(error))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_last_checkpoint_is_the_last_epoch_even_when_the_metric_stops_improving(
     fit(tiny_folder, tmp_path, *settings, epochs=3)
     last = checkpoint_of(tmp_path)
     assert (last["epoch"], last["global_step"]) == (2, 6)  # Lightning alone leaves it at epoch 0
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best-epoch000.ckpt", "fit_summary.json", "last.ckpt"]
+    listed = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert listed == ["best-epoch000.ckpt", "fit_summary.json", "last.ckpt", "per_class_val.json"]
     # A student given as a module is not in the checkpoint's hyper-parameters: built as configured, it resumes.
     resumed = fit(tiny_folder, tmp_path, *settings, f"--ckpt_path={tmp_path}/checkpoints/last.ckpt", epochs=4)
     assert resumed.trainer.global_step == 8 and checkpoint_of(tmp_path)["epoch"] == 3
@@ -76,7 +77,7 @@ def test_a_new_run_never_mixes_with_an_old_one_in_its_directory(tiny_folder, tmp
     assert file_sha256(tmp_path / "checkpoints" / "last.ckpt") == first  # untouched by the refused run
     fit(tiny_folder, tmp_path, "--seed_everything=1", "--checkpoint.overwrite=true")
     listed = sorted(os.listdir(tmp_path / "checkpoints"))
-    assert listed == ["best-epoch000.ckpt", "fit_summary.json", "last.ckpt"]  # never last-v1
+    assert listed == ["best-epoch000.ckpt", "fit_summary.json", "last.ckpt", "per_class_val.json"]  # never last-v1
     assert file_sha256(tmp_path / "checkpoints" / "last.ckpt") != first
 
 
@@ -101,7 +102,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(tiny_folder, tmp_pa
     with pytest.raises(OSError, match=r"Could not write checkpoint .*No space left on device"):
         fit(tiny_folder, tmp_path, f"--ckpt_path={tmp_path}/checkpoints/last.ckpt", epochs=2)
     monkeypatch.setattr(torch, "save", real_save)
-    # No temporary left; and no fit_summary.json: the failed fit removed the first fit's, it describes no finished fit
+    # No temporary left; and no fit_summary.json or per_class_val.json: the failed fit removed the first fit's, they
+    # describe no finished fit
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best-epoch000.ckpt", "last.ckpt"]
     assert file_sha256(tmp_path / "checkpoints" / "last.ckpt") == before
 

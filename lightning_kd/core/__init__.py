@@ -1,7 +1,15 @@
 """The base every method stands on."""
 from lightning_kd.core.checkpointing import AtomicCheckpointIO, RunCheckpoint, write_atomically
-from lightning_kd.core.checks import check_choice, check_layer_pairs, check_range, renamed_argument, renamed_mix
+from lightning_kd.core.checks import (
+    check_choice,
+    check_layer_pairs,
+    check_range,
+    check_weights,
+    renamed_argument,
+    renamed_mix,
+)
 from lightning_kd.core.features import FeatureHooks, evaluation_mode, layer_shapes, resolve_modules
+from lightning_kd.core.hub import REPDISTILLER_TEACHERS, TeacherNotFoundError, file_sha256, teacher_url
 from lightning_kd.core.module import (
     DistillationModule,
     NonFiniteLossError,
@@ -11,6 +19,7 @@ from lightning_kd.core.module import (
     cifar_sgd,
     split_batch,
 )
+from lightning_kd.core.per_class import PerClassReport
 from lightning_kd.core.predictions import PredictionWriter, read_predictions
 from lightning_kd.core.stages import Stage
 from lightning_kd.core.summary import FitSummary
@@ -21,7 +30,6 @@ from lightning_kd.core.teacher import (
     TeacherCost,
     TeacherSource,
     classifier,
-    file_sha256,
     forward_flops,
     freeze,
     load_checkpoint_file,
@@ -39,18 +47,22 @@ __all__ = [
     "FitSummary",
     "FlopsPerImage",
     "NonFiniteLossError",
+    "PerClassReport",
     "PredictionWriter",
     "QueryBudgetExceeded",
+    "REPDISTILLER_TEACHERS",
     "RunCheckpoint",
     "Stage",
     "Step",
     "TeacherCost",
+    "TeacherNotFoundError",
     "TeacherSource",
     "build_network",
     "build_teacher",
     "check_choice",
     "check_layer_pairs",
     "check_range",
+    "check_weights",
     "renamed_argument",
     "renamed_mix",
     "classifier",
@@ -68,5 +80,6 @@ __all__ = [
     "resolve_modules",
     "restrict_classifier",
     "split_batch",
+    "teacher_url",
     "write_atomically",
 ]

@@ -20,6 +20,17 @@ def check_range(name: str, value: float, low: float, high: float = float("inf"),
         raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
 
 
+def check_weights(**weights: float) -> None:
+    """:func:`check_range` ``(name, value, 0.0)`` for every ``name=value``: loss weights must be ≥ 0.
+
+    Example::
+
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
+    """
+    for name, value in weights.items():
+        check_range(name, value, 0.0)
+
+
 def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
     """Raise one clear ``ValueError`` when ``value`` is not one of ``choices``."""
     if value not in choices:

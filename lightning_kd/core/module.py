@@ -31,7 +31,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
@@ -223,7 +223,12 @@ class DistillationModule(pl.LightningModule):
         num_classes: number of classes; linked from ``data.num_classes`` by the CLI.
         teacher: the teacher's architecture, given like ``student``.
         teacher_ckpt: weights for the teacher: a lightning_kd checkpoint (its student), a community
-            ``{'model': state_dict}`` checkpoint or a plain state_dict file.
+            ``{'model': state_dict}`` checkpoint or a plain state_dict file; a local path, an ``http(s)://`` or
+            ``file://`` URL (downloaded once into the torch hub cache) or a published teacher's short name such as
+            ``repdistiller:resnet56`` (RepDistiller's CIFAR-100 teachers; ``teacher`` must be that architecture),
+            see :mod:`lightning_kd.core.hub`.
+        teacher_sha256: the sha256 the teacher file must have (hex digest, or its first 8+ digits), checked when
+            ``teacher_ckpt`` is read; a download that does not match is not kept.
         teacher_weights: torchvision pretrained weights of the teacher by name (e.g. ``IMAGENET1K_V1``),
             instead of ``teacher_ckpt``; the teacher then answers for the weights' classes (1000 on ImageNet).
         teacher_classes: the teacher outputs to keep, one per data class in label order, when the teacher
@@ -256,6 +261,7 @@ class DistillationModule(pl.LightningModule):
         num_classes: int,
         teacher: Optional[Union[str, nn.Module]] = None,
         teacher_ckpt: Optional[str] = None,
+        teacher_sha256: Optional[str] = None,
         teacher_weights: Optional[str] = None,
         teacher_classes: Optional[list[int]] = None,
         num_samples: Optional[int] = None,
@@ -282,7 +288,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher_source: Optional[TeacherSource] = None
         if teacher is not None:
             self.teacher, self.teacher_source = build_teacher(
-                teacher, num_classes, teacher_ckpt, teacher_weights, teacher_classes
+                teacher, num_classes, teacher_ckpt, teacher_weights, teacher_classes, teacher_sha256
             )
         # The teacher's meter; a black box's is its own (see teacher_cost).
         self._teacher_meter: Optional[TeacherCost] = teacher_meter(self.teacher) if self.teacher is not None else None
@@ -294,6 +300,10 @@ class DistillationModule(pl.LightningModule):
         self._teacher_hooks: Optional[FeatureHooks] = None
         self.kd_diagnostics = bool(kd_diagnostics)
         self._add_metrics(num_classes)
+        self._init_run_state(channels_last, compile)
+
+    def _init_run_state(self, channels_last: bool, compile: Union[bool, dict]) -> None:
+        """The execution options (``channels_last``, ``compile``) and what a run fills in as it goes."""
         self.input_shape: Optional[tuple[int, ...]] = None  # one sample's shape, saved for export
         self.channels_last = bool(channels_last)
         self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
@@ -316,6 +326,11 @@ class DistillationModule(pl.LightningModule):
                 "agreement": MeanMetric(),
                 "kl_teacher_student": MeanMetric(),
             })
+            for stage in ("val", "test")
+        })
+        # Per-class results (confusion_matrices): the student's of every evaluation pass, the teacher's where scored.
+        self.confusion = nn.ModuleDict({
+            stage: nn.ModuleDict({who: MulticlassConfusionMatrix(num_classes) for who in ("student", "teacher")})
             for stage in ("val", "test")
         })
         # Metrics of the other named outputs a method scores (see score_outputs), by stage and name.
@@ -705,6 +720,8 @@ class DistillationModule(pl.LightningModule):
         logits, named_logits = self.evaluation_logits(x)
         self._check_classes(logits, "student")
         metrics.update(logits, y)
+        if not self.trainer.sanity_checking:
+            self.confusion[prefix]["student"].update(logits, y)
         for name, values in named_logits.items():
             self.named_metrics[prefix][name].update(values, y)
             self.log_dict(self.named_metrics[prefix][name])
@@ -719,6 +736,7 @@ class DistillationModule(pl.LightningModule):
             teacher_logits = self.teacher_forward(x)
             if teacher_metrics is not None:
                 teacher_metrics.update(teacher_logits, y)
+                self.confusion[prefix]["teacher"].update(teacher_logits, y)
                 self._log_accuracy(teacher_metrics)
             if self.kd_diagnostics:
                 diagnostics["teacher_ece"].update(teacher_logits.float(), y)
@@ -734,6 +752,25 @@ class DistillationModule(pl.LightningModule):
         for name, metric in metrics.items():
             self.log(name, metric, prog_bar=name.endswith("acc1"))
 
+    def confusion_matrices(self, stage: str) -> dict[str, Optional[torch.Tensor]]:
+        """``{"student": ..., "teacher": ...}``: the confusion matrices (rows: true class, columns: predicted; int64,
+        on the CPU, summed over processes) of the last ``stage`` pass (``"val"``, ``"test"``), or ``None`` for a
+        network that pass did not score (the teacher is scored in a fit's first validation and in every test, never
+        when its queries are counted). Every process must call it. Read by :class:`~lightning_kd.core.PerClassReport`.
+        """
+        return {who: metric.compute().cpu() if metric.update_called else None
+                for who, metric in self.confusion[stage].items()}
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the student's per-class counts anew (the teacher's are kept: it is scored once a fit). Overrides
+        must call ``super()``."""
+        self.confusion["val"]["student"].reset()
+
+    def on_test_epoch_start(self) -> None:
+        """Start the per-class counts of student and teacher anew. Overrides must call ``super()``."""
+        for metric in self.confusion["test"].values():
+            metric.reset()
+
     def validation_step(self, batch, batch_idx: int):
         score_teacher = not self._teacher_scored and not self.trainer.sanity_checking
         return self._evaluate(batch, self.val_metrics, self.teacher_val_metrics if score_teacher else None, "val")
@@ -745,6 +782,7 @@ class DistillationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_scored = False
+        self.confusion["val"]["teacher"].reset()
         restored = self.trainer.ckpt_path is not None
         if self.teacher is not None and self.teacher_source is None and not self.hparams.get("teacher_weights") and not restored:
             warnings.warn(f"{type(self).__name__}: no teacher_ckpt given, the teacher keeps its initial weights")

@@ -88,7 +88,7 @@ class PredictionWriter(BasePredictionWriter):
         keep[1:] = indices[1:] != indices[:-1]
         indices, probabilities = indices[keep], probabilities[keep]
         predicted = probabilities.argmax(dim=1) if len(probabilities) else torch.empty(0, dtype=torch.int64)
-        classes = self._class_names(trainer, probabilities.shape[1])
+        classes = data_class_names(trainer, probabilities.shape[1])
         if _format(self.path) == ".pt":
             content = {"indices": indices, "predicted": predicted, "probabilities": probabilities, "classes": classes}
             write_atomically(self.path, lambda tmp: torch.save(content, tmp))
@@ -96,14 +96,13 @@ class PredictionWriter(BasePredictionWriter):
             write_atomically(self.path, lambda tmp: _write_csv(tmp, indices, predicted, probabilities, classes))
         print(f"lightning-kd: wrote the predictions of {len(indices)} images to {self.path}", flush=True)
 
-    @staticmethod
-    def _class_names(trainer: pl.Trainer, num_classes: int) -> Optional[list[str]]:
-        """The data module's ``class_names`` when it has one name per output class, else ``None``."""
-        try:
-            names = getattr(trainer.datamodule, "class_names", None)
-        except RuntimeError:  # a data module not set up
-            names = None
-        return [str(name) for name in names] if names is not None and len(names) == num_classes else None
+def data_class_names(trainer: pl.Trainer, num_classes: int) -> Optional[list[str]]:
+    """The data module's ``class_names`` when it has one name per output class, else ``None``."""
+    try:
+        names = getattr(trainer.datamodule, "class_names", None)
+    except RuntimeError:  # a data module not set up
+        names = None
+    return [str(name) for name in names] if names is not None and len(names) == num_classes else None
 
 
 def _probability_columns(classes: Optional[list[str]], num_classes: int) -> list[str]:

@@ -37,7 +37,7 @@ def _network_name(spec: Any, network: Any) -> Optional[str]:
     return None if network is None else type(network).__name__
 
 
-def _wandb_runs(trainer: pl.Trainer) -> list:
+def wandb_runs(trainer: pl.Trainer) -> list:
     """The W&B runs of the trainer's W&B loggers (on the first process; none elsewhere)."""
     if not trainer.is_global_zero:
         return []
@@ -78,7 +78,7 @@ class FitSummary(pl.Callback):
             stale = os.path.join(directory, self.filename)
             if os.path.isfile(stale):
                 os.remove(stale)
-        for experiment in _wandb_runs(trainer):  # W&B's summary of the accuracies: their best, not their last
+        for experiment in wandb_runs(trainer):  # W&B's summary of the accuracies: their best, not their last
             experiment.define_metric(self.monitor, summary="max")
             experiment.define_metric(self.teacher_monitor, summary="max")
 
@@ -172,7 +172,7 @@ class FitSummary(pl.Callback):
                     handle.write(text)
 
             write_atomically(path, write)
-        for experiment in _wandb_runs(trainer):
+        for experiment in wandb_runs(trainer):
             experiment.summary.update({
                 f"best/{self.monitor}": summary["best"], "best/epoch": summary["best_epoch"],
                 f"last/{self.monitor}": summary["last"], "best/gap_to_teacher_points": summary["gap_points"],

@@ -10,7 +10,6 @@ Accepted checkpoint formats (detected from the file):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_kd.core.features import evaluation_mode
+from lightning_kd.core.hub import check_sha256, expected_sha256, file_sha256, locate_teacher_file
 from lightning_kd.models import get_model
 
 
@@ -34,28 +34,22 @@ def load_checkpoint_file(path: str, what: str = "Checkpoint", **kwargs) -> Any:
         raise ValueError(f"{what} {path!r} could not be read (truncated or not a torch file?): {error}") from None
 
 
-def file_sha256(path: str) -> str:
-    """The sha256 hex digest of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class TeacherSource:
-    """Where a teacher's weights came from: the file, its sha256, and the epoch/step it was written at (when the
-    file records them). A student's checkpoint stores it (``checkpoint["teacher_source"]``)."""
+    """Where a teacher's weights came from: the file, its sha256, the epoch/step it was written at (when the
+    file records them) and the URL it was downloaded from (see :mod:`lightning_kd.core.hub`). A student's checkpoint
+    stores it (``checkpoint["teacher_source"]``)."""
 
     path: str
     sha256: str
     epoch: Optional[int] = None
     global_step: Optional[int] = None
+    url: Optional[str] = None
 
     def describe(self) -> str:
         when = ", ".join(f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.global_step)) if v is not None)
-        return f"{self.path} (sha256 {self.sha256[:12]}…{', ' + when if when else ''})"
+        origin = f"{self.url} -> " if self.url else ""
+        return f"{origin}{self.path} (sha256 {self.sha256[:12]}…{', ' + when if when else ''})"
 
 
 def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tensor]:
@@ -63,10 +57,12 @@ def read_state_dict(path: str, prefix: str = "student.") -> dict[str, torch.Tens
     return _read_teacher_file(path, prefix)[0]
 
 
-def _read_teacher_file(path: str, prefix: str) -> tuple[dict[str, torch.Tensor], TeacherSource]:
-    # weights_only=False: Lightning checkpoints carry hyper-parameters (callables, class paths);
-    # the file is one the user points at explicitly.
-    checkpoint = load_checkpoint_file(path, "Teacher checkpoint", weights_only=False)
+def _read_teacher_file(
+    path: str, prefix: str, weights_only: bool = False
+) -> tuple[dict[str, torch.Tensor], TeacherSource]:
+    # weights_only=False by default: Lightning checkpoints carry hyper-parameters (callables, class paths);
+    # the file is one the user points at explicitly. Downloads are read with weights_only=True (no code).
+    checkpoint = load_checkpoint_file(path, "Teacher checkpoint", weights_only=weights_only)
     recorded = checkpoint if isinstance(checkpoint, Mapping) else {}
     source = TeacherSource(
         os.path.abspath(path),
@@ -132,16 +128,23 @@ def restrict_classifier(model: nn.Module, classes: Sequence[int]) -> nn.Module:
 
 
 def load_weights(
-    model: nn.Module, path: str, prefix: str = "student.", classes: Optional[Sequence[int]] = None
+    model: nn.Module,
+    path: str,
+    prefix: str = "student.",
+    classes: Optional[Sequence[int]] = None,
+    weights_only: bool = False,
 ) -> TeacherSource:
     """Load ``path`` into ``model``; any mismatch raises one ``ValueError`` naming the first offending key.
     Returns where the weights came from.
+
+    ``weights_only``: read the file with ``torch.load(weights_only=True)`` (tensors and plain data, never code), as
+    for a downloaded file.
 
     ``classes``: when the checkpoint's classifier has another number of outputs than ``model``'s (a
     teacher trained on all classes, used on a subset), only its rows ``classes`` are loaded, in that order
     (as :func:`restrict_classifier` does); a checkpoint that already fits is loaded as it is.
     """
-    state, source = _read_teacher_file(path, prefix)
+    state, source = _read_teacher_file(path, prefix, weights_only)
     if classes is not None:
         name, layer = classifier(model)
         weight = state.get(f"{name}.weight")
@@ -216,12 +219,15 @@ def build_teacher(
     teacher_ckpt: Optional[str] = None,
     teacher_weights: Optional[str] = None,
     teacher_classes: Optional[Sequence[int]] = None,
+    teacher_sha256: Optional[str] = None,
 ) -> tuple[nn.Module, Optional[TeacherSource]]:
     """The frozen teacher and the file its weights came from (``None`` for torchvision weights or none).
 
     ``teacher`` is a model name (CIFAR zoo or torchvision) or a module; ``teacher_weights`` loads torchvision's
     pretrained weights (the weights' classes, restricted to ``teacher_classes`` when given); ``teacher_ckpt``
-    any file :func:`load_weights` reads.
+    any file :func:`load_weights` reads, given as a path, a URL or a published teacher's short name
+    (:func:`~lightning_kd.core.hub.locate_teacher_file`; a download is read as weights only), whose sha256 must start
+    with ``teacher_sha256`` when given.
     """
     source = None
     if teacher_weights is not None:
@@ -231,7 +237,12 @@ def build_teacher(
     else:
         network = get_model(teacher, num_classes=num_classes) if isinstance(teacher, str) else teacher
         if teacher_ckpt is not None:
-            source = load_weights(network, teacher_ckpt, classes=teacher_classes)
+            expected = expected_sha256(teacher_sha256)
+            path, url = locate_teacher_file(teacher_ckpt, teacher, expected, num_classes)
+            loaded = load_weights(network, path, classes=teacher_classes, weights_only=url is not None)
+            source = dataclasses.replace(loaded, url=url)
+            hint = f" (the cached download of {url}: delete it to download again)" if url else ""
+            check_sha256(f"Teacher checkpoint {path!r}{hint}", source.sha256, expected)
     return freeze(network), source
 
 

@@ -13,7 +13,16 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import Conv2dNormActivation
 
-from lightning_kd.core import DistillationModule, FeatureHooks, Step, check_range, layer_shapes, renamed_argument, renamed_mix
+from lightning_kd.core import (
+    DistillationModule,
+    FeatureHooks,
+    Step,
+    check_range,
+    check_weights,
+    layer_shapes,
+    renamed_argument,
+    renamed_mix,
+)
 from lightning_kd.methods.kd import kd_loss
 from lightning_kd.models import stage_names
 
@@ -163,6 +172,8 @@ class BYOT(DistillationModule):
     """
 
     needs_teacher = False
+    #: The loss of the exits' logits and features (a subclass may swap it for another of the same arguments).
+    objective = staticmethod(byot_loss)
 
     def __init__(
         self,
@@ -180,10 +191,8 @@ class BYOT(DistillationModule):
         name = type(self).__name__
         ce_weight, kd_weight = renamed_mix(name, alpha, ce_weight, kd_weight, defaults=(0.7, 0.3))
         beta = renamed_argument(name, "feature_weight", feature_weight, "beta", beta, 0.03)
-        check_range("ce_weight", ce_weight, 0.0)
-        check_range("kd_weight", kd_weight, 0.0)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight, beta=beta)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("beta", beta, 0.0)
         check_range("image_size", image_size, 1)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.temperature = temperature
@@ -225,7 +234,7 @@ class BYOT(DistillationModule):
         return step
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        return byot_loss(
+        return self.objective(
             step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.ce_weight, self.kd_weight,
             self.temperature, self.beta,
         )

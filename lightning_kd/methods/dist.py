@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.core import DistillationModule, Step, check_range
+from lightning_kd.core import DistillationModule, Step, check_range, check_weights
 
 
 def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -85,10 +85,8 @@ class DIST(DistillationModule):
         self, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0, ce_weight: float = 1.0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        check_range("beta", beta, 0.0)
-        check_range("gamma", gamma, 0.0)
+        check_weights(beta=beta, gamma=gamma, ce_weight=ce_weight)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("ce_weight", ce_weight, 0.0)
         self.beta = beta
         self.gamma = gamma
         self.temperature = temperature

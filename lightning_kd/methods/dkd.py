@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.core import DistillationModule, Step, check_range
+from lightning_kd.core import DistillationModule, Step, check_range, check_weights
 from lightning_kd.methods.logit_standardization import standardize
 
 
@@ -116,10 +116,8 @@ class DKD(DistillationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("alpha", alpha, 0.0)
-        check_range("beta", beta, 0.0)
+        check_weights(alpha=alpha, beta=beta, ce_weight=ce_weight)
         check_range("temperature", temperature, 0.0, low_open=True)
-        check_range("ce_weight", ce_weight, 0.0)
         check_range("warmup_epochs", warmup_epochs, 0)
         if warmup_epochs != int(warmup_epochs):
             raise ValueError(f"warmup_epochs must be a whole number of epochs, got {warmup_epochs}")

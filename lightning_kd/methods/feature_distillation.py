@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import DistillationModule, Step, check_layer_pairs, check_range, layer_shapes
+from lightning_kd.core import DistillationModule, Step, check_layer_pairs, check_range, check_weights, layer_shapes
 from lightning_kd.methods.kd import kd_loss
 from lightning_kd.models import stage_names
 
@@ -45,8 +45,7 @@ class FeatureDistillation(DistillationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("ce_weight", ce_weight, 0.0)
-        check_range("kd_weight", kd_weight, 0.0)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         check_range("temperature", temperature, 0.0, low_open=True)
         check_range("image_size", image_size, 1)
         self.ce_weight = ce_weight

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.core import Step, layer_shapes
+from lightning_kd.core import layer_shapes
 from lightning_kd.methods.byot import BYOT, feature_hint
 from lightning_kd.methods.kd import kd_loss
 
@@ -73,6 +73,8 @@ class MSD(BYOT):
     logs and exports the same way.
     """
 
+    objective = staticmethod(msd_loss)
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         blocks = {stage: self.chained_blocks(stage) for stage in self.stages[:-1]}
@@ -97,9 +99,3 @@ class MSD(BYOT):
         if not self.training:
             return super().exit_inputs(features)
         return [features[points[int(torch.randint(len(points), ()))]] for points in self.branch_points]
-
-    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        return msd_loss(
-            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.ce_weight, self.kd_weight,
-            self.temperature, self.beta,
-        )

@@ -32,7 +32,7 @@ from typing import Literal, Optional, get_args
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.core import DistillationModule, Step, check_choice, check_range, renamed_mix
+from lightning_kd.core import DistillationModule, Step, check_choice, check_range, check_weights, renamed_mix
 
 Reduction = Literal["mean", "batchmean"]
 Soften = Literal["probabilities", "logits"]
@@ -126,7 +126,36 @@ class LabelSmoothing(DistillationModule):
         return {"lsr": label_smoothing_loss(step.student_logits, step.targets, self.epsilon)}
 
 
-class TfKDSelf(DistillationModule):
+class _WeightedTerm(DistillationModule):
+    """What Tf-KD_self and Tf-KD_reg share (Yuan et al. 2020, Sec. 5): loss = ce_weight·CE +
+    kd_weight·multiplier·(the method's :meth:`teacher_term`), logged as ``ce`` and :attr:`term_name`."""
+
+    term_name = "kd"
+
+    def set_weighting(
+        self, temperature: float, ce_weight: float, kd_weight: float, multiplier: float, reduction: Reduction
+    ) -> None:
+        """Check and keep the arguments both methods take (the weights once the deprecated ``alpha`` is resolved)."""
+        check_range("temperature", temperature, 0.0, low_open=True)
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight, multiplier=multiplier)
+        check_choice("reduction", reduction, get_args(Reduction))
+        self.temperature = temperature
+        self.ce_weight, self.kd_weight = ce_weight, kd_weight
+        self.multiplier = multiplier
+        self.reduction = reduction
+
+    def teacher_term(self, step: Step) -> torch.Tensor:
+        """The distillation term before kd_weight and the multiplier."""
+        raise NotImplementedError
+
+    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
+        return {
+            "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
+            self.term_name: self.kd_weight * self.multiplier * self.teacher_term(step),
+        }
+
+
+class TfKDSelf(_WeightedTerm):
     """Tf-KD_self: loss = ce_weight·CE + kd_weight·multiplier·T²·KL(softmax(t/T) ‖ softmax(s/T)).
 
     The paper's (1−α)·CE + α·KD is ``ce_weight = 1 − α``, ``kd_weight = α``.
@@ -158,16 +187,8 @@ class TfKDSelf(DistillationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        check_range("temperature", temperature, 0.0, low_open=True)
         ce_weight, kd_weight = renamed_mix("TfKDSelf", alpha, ce_weight, kd_weight, defaults=(0.05, 0.95))
-        check_range("ce_weight", ce_weight, 0.0)
-        check_range("kd_weight", kd_weight, 0.0)
-        check_range("multiplier", multiplier, 0.0)
-        check_choice("reduction", reduction, get_args(Reduction))
-        self.temperature = temperature
-        self.ce_weight, self.kd_weight = ce_weight, kd_weight
-        self.multiplier = multiplier
-        self.reduction = reduction
+        self.set_weighting(temperature, ce_weight, kd_weight, multiplier, reduction)
         self._warn_unless_self(kwargs.get("student"), kwargs.get("teacher"))
 
     def _warn_unless_self(self, student_spec, teacher_spec) -> None:
@@ -184,15 +205,11 @@ class TfKDSelf(DistillationModule):
                 stacklevel=3,
             )
 
-    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        kd = tfkd_self_loss(step.student_logits, step.teacher_logits, self.temperature, self.reduction)
-        return {
-            "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
-            "kd": self.kd_weight * self.multiplier * kd,
-        }
+    def teacher_term(self, step: Step) -> torch.Tensor:
+        return tfkd_self_loss(step.student_logits, step.teacher_logits, self.temperature, self.reduction)
 
 
-class TfKDReg(DistillationModule):
+class TfKDReg(_WeightedTerm):
     """Tf-KD_reg: loss = ce_weight·CE + kd_weight·multiplier·KL(p^d_τ ‖ student), p^d a virtual teacher made from
     the label. The paper's (1−α)·CE + α·reg is ``ce_weight = 1 − α``, ``kd_weight = α``.
 
@@ -211,6 +228,7 @@ class TfKDReg(DistillationModule):
     """
 
     needs_teacher = False
+    term_name = "reg"
 
     def __init__(
         self,
@@ -226,25 +244,13 @@ class TfKDReg(DistillationModule):
     ) -> None:
         super().__init__(**kwargs)
         check_range("correct_prob", correct_prob, 1.0 / self.num_classes, 1.0, low_open=True)
-        check_range("temperature", temperature, 0.0, low_open=True)
-        ce_weight, kd_weight = renamed_mix("TfKDReg", alpha, ce_weight, kd_weight, defaults=(0.9, 0.1))
-        check_range("ce_weight", ce_weight, 0.0)
-        check_range("kd_weight", kd_weight, 0.0)
-        check_range("multiplier", multiplier, 0.0)
         check_choice("soften", soften, get_args(Soften))
-        check_choice("reduction", reduction, get_args(Reduction))
+        ce_weight, kd_weight = renamed_mix("TfKDReg", alpha, ce_weight, kd_weight, defaults=(0.9, 0.1))
+        self.set_weighting(temperature, ce_weight, kd_weight, multiplier, reduction)
         self.correct_prob = correct_prob
-        self.temperature = temperature
-        self.ce_weight, self.kd_weight = ce_weight, kd_weight
-        self.multiplier = multiplier
         self.soften = soften
-        self.reduction = reduction
 
-    def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
-        reg = tfkd_reg_loss(
+    def teacher_term(self, step: Step) -> torch.Tensor:
+        return tfkd_reg_loss(
             step.student_logits, step.targets, self.correct_prob, self.temperature, self.soften, self.reduction
         )
-        return {
-            "ce": self.ce_weight * F.cross_entropy(step.student_logits, step.targets),
-            "reg": self.kd_weight * self.multiplier * reg,
-        }

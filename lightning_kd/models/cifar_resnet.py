@@ -17,9 +17,13 @@ or output changes.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lightning_kd.models.layers import StagedNetwork, init_resnet
 
 __all__ = ["CifarResNet", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
            "resnet56", "resnet110", "resnet8x4", "resnet32x4"]
@@ -57,20 +61,17 @@ class BasicBlock(nn.Module):
         return F.relu(self.preact(out + shortcut))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedNetwork):
     """3-stage CIFAR ResNet: 3x3 stem, three stages (stride 1, 2, 2), global pool, fc.
 
     ``num_filters`` is ``[stem, stage1, stage2, stage3]`` widths; ``depth = 6n + 2``.
     A 1x1 conv + BN projection is used whenever a block changes shape (option B).
+    ``preact_names``: each stage's last residual sum before its ReLU.
     """
 
     # Stage ends; 'layer3' output (post-ReLU) is the final map before pooling.
     stage_names = ("layer1", "layer2", "layer3")
-
-    @property
-    def preact_names(self) -> tuple[str, ...]:
-        """The stages' outputs before their final ReLU: the last block's residual sum (``layerK.<last>.preact``)."""
-        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
+    classifier_name = "fc"
 
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100) -> None:
         super().__init__()
@@ -86,13 +87,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_resnet(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -107,48 +102,28 @@ class CifarResNet(nn.Module):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
 
 
-def resnet8(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(8, [16, 16, 32, 64], num_classes)
+def _constructor(name: str, depth: int, num_filters: list[int]) -> Callable[..., CifarResNet]:
+    """The zoo constructor ``name(num_classes=100)`` of the CIFAR ResNet of ``depth`` and ``num_filters``."""
+
+    def build(num_classes: int = 100) -> CifarResNet:
+        return CifarResNet(depth, num_filters, num_classes)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"CIFAR ResNet-{depth} of widths {num_filters} (stem, stages)."
+    return build
 
 
-def resnet14(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(14, [16, 16, 32, 64], num_classes)
-
-
-def resnet20(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(20, [16, 16, 32, 64], num_classes)
-
-
-def resnet32(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(32, [16, 16, 32, 64], num_classes)
-
-
-def resnet44(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(44, [16, 16, 32, 64], num_classes)
-
-
-def resnet56(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(56, [16, 16, 32, 64], num_classes)
-
-
-def resnet110(num_classes: int = 100) -> CifarResNet:
-    return CifarResNet(110, [16, 16, 32, 64], num_classes)
-
-
-def resnet8x4(num_classes: int = 100) -> CifarResNet:
-    """resnet8 with 4x wider stages (stem 32, stages 64/128/256)."""
-    return CifarResNet(8, [32, 64, 128, 256], num_classes)
-
-
-def resnet32x4(num_classes: int = 100) -> CifarResNet:
-    """resnet32 with 4x wider stages (stem 32, stages 64/128/256)."""
-    return CifarResNet(32, [32, 64, 128, 256], num_classes)
+_WIDTHS, _WIDTHS_X4 = [16, 16, 32, 64], [32, 64, 128, 256]  # x4: 4x wider stages (stem 32, stages 64/128/256)
+resnet8 = _constructor("resnet8", 8, _WIDTHS)
+resnet14 = _constructor("resnet14", 14, _WIDTHS)
+resnet20 = _constructor("resnet20", 20, _WIDTHS)
+resnet32 = _constructor("resnet32", 32, _WIDTHS)
+resnet44 = _constructor("resnet44", 44, _WIDTHS)
+resnet56 = _constructor("resnet56", 56, _WIDTHS)
+resnet110 = _constructor("resnet110", 110, _WIDTHS)
+resnet8x4 = _constructor("resnet8x4", 8, _WIDTHS_X4)
+resnet32x4 = _constructor("resnet32x4", 32, _WIDTHS_X4)

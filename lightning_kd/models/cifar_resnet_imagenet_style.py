@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_kd.models.layers import StagedNetwork, init_resnet
+
 __all__ = ["ImageNetStyleResNet", "ResNet50"]
 
 
@@ -50,16 +52,14 @@ class Bottleneck(nn.Module):
         return F.relu(self.preact(out + self.shortcut(x)))
 
 
-class ImageNetStyleResNet(nn.Module):
-    """4-stage bottleneck ResNet with a 3x3 stride-1 stem (32 -> 32, 16, 8, 4 spatially)."""
+class ImageNetStyleResNet(StagedNetwork):
+    """4-stage bottleneck ResNet with a 3x3 stride-1 stem (32 -> 32, 16, 8, 4 spatially).
+
+    ``preact_names``: each stage's last residual sum before its ReLU.
+    """
 
     # Stage ends; 'layer4' output (post-ReLU, 4x4 for 32x32 input) is the final pre-pool map.
-    stage_names = ("layer1", "layer2", "layer3", "layer4")
-
-    @property
-    def preact_names(self) -> tuple[str, ...]:
-        """The stages' outputs before their final ReLU: the last block's residual sum (``layerK.<last>.preact``)."""
-        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
+    stage_names = stage_layers = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, num_blocks: list[int], num_classes: int = 100) -> None:
         super().__init__()
@@ -72,13 +72,7 @@ class ImageNetStyleResNet(nn.Module):
         self.layer4 = self._make_layer(512, num_blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_resnet(self)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -86,15 +80,6 @@ class ImageNetStyleResNet(nn.Module):
             layers.append(Bottleneck(self.in_planes, planes, s))
             self.in_planes = planes * Bottleneck.expansion
         return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.linear(x)
 
 
 def ResNet50(num_classes: int = 100) -> ImageNetStyleResNet:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_kd.models.layers import ShuffleBlock
+from lightning_kd.models.layers import ShuffleBlock, StagedNetwork
 
 __all__ = ["ShuffleNetV1", "ShuffleV1"]
 
@@ -59,16 +59,14 @@ class Bottleneck(nn.Module):
         return F.relu(out)
 
 
-class ShuffleNetV1(nn.Module):
-    """1x1 stem (24 ch), three stages (first unit stride 2: 32 -> 16, 8, 4), pool, linear."""
+class ShuffleNetV1(StagedNetwork):
+    """1x1 stem (24 ch), three stages (first unit stride 2: 32 -> 16, 8, 4), pool, linear.
+
+    ``preact_names``: each stage's last merge before its ReLU.
+    """
 
     # Stage ends; 'layer3' output (post-ReLU) is the final map before pooling.
     stage_names = ("layer1", "layer2", "layer3")
-
-    @property
-    def preact_names(self) -> tuple[str, ...]:
-        """The stages' outputs before their final ReLU: the last unit's merge (``layerK.<last>.preact``)."""
-        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.stage_names)
 
     def __init__(self, out_planes: list[int], num_blocks: list[int], groups: int,
                  num_classes: int = 100) -> None:
@@ -90,14 +88,6 @@ class ShuffleNetV1(nn.Module):
             layers.append(Bottleneck(self.in_planes, out_planes - cat_planes, stride, groups))
             self.in_planes = out_planes
         return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.linear(x)
 
 
 def ShuffleV1(num_classes: int = 100) -> ShuffleNetV1:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_kd.models.layers import ShuffleBlock
+from lightning_kd.models.layers import ShuffleBlock, StagedNetwork
 
 __all__ = ["ShuffleNetV2", "ShuffleV2"]
 
@@ -36,6 +36,25 @@ class SplitBlock(nn.Module):
         return x[:, :c], x[:, c:]
 
 
+def add_branch(unit: nn.Module, first: int, in_channels: int, channels: int, stride: int) -> None:
+    """Register the units' branch on ``unit`` under RepDistiller's flat names ``conv{first}``/``bn{first}`` onwards:
+    1x1 conv, 3x3 depthwise conv of ``stride``, 1x1 conv, each followed by its BN."""
+    specs = ((in_channels, 1, 1, 1), (channels, 3, stride, channels), (channels, 1, 1, 1))
+    for index, (inputs, kernel, conv_stride, groups) in enumerate(specs, start=first):
+        conv = nn.Conv2d(inputs, channels, kernel, conv_stride, kernel // 2, groups=groups, bias=False)
+        setattr(unit, f"conv{index}", conv)
+        setattr(unit, f"bn{index}", nn.BatchNorm2d(channels))
+
+
+def run_branch(unit: nn.Module, first: int, x: torch.Tensor) -> torch.Tensor:
+    """The branch of :func:`add_branch`: 1x1-BN-ReLU, 3x3 dw-BN, 1x1-BN (before its final ReLU)."""
+
+    def conv_bn(k: int, y: torch.Tensor) -> torch.Tensor:
+        return getattr(unit, f"bn{first + k}")(getattr(unit, f"conv{first + k}")(y))
+
+    return conv_bn(2, conv_bn(1, F.relu(conv_bn(0, x))))
+
+
 class BasicBlock(nn.Module):
     """Stride-1 unit: split; second half 1x1-BN-ReLU, 3x3 dw-BN, 1x1-BN-ReLU; concat with first half; shuffle.
 
@@ -48,20 +67,13 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.split = SplitBlock(split_ratio)
         c = int(in_channels * split_ratio)
-        self.conv1 = nn.Conv2d(c, c, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, groups=c, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c)
+        add_branch(self, 1, c, c, stride=1)
         self.shuffle = ShuffleBlock()
         self.preact = nn.Identity()  # hook point of the pre-ReLU concatenation; no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.split(x)
-        out = F.relu(self.bn1(self.conv1(x2)))
-        out = self.bn2(self.conv2(out))
-        pre = self.bn3(self.conv3(out))
+        pre = run_branch(self, 1, x2)
         self.preact(torch.cat([x1, pre], 1))  # for hooks only (freed at once when none holds it)
         out = F.relu(pre)
         return self.shuffle(torch.cat([x1, out], 1))
@@ -79,36 +91,27 @@ class DownBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
-        # right branch
-        self.conv3 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
-        self.conv4 = nn.Conv2d(mid, mid, kernel_size=3, stride=2, padding=1, groups=mid, bias=False)
-        self.bn4 = nn.BatchNorm2d(mid)
-        self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
-        self.bn5 = nn.BatchNorm2d(mid)
+        # right branch: the basic unit's, strided
+        add_branch(self, 3, in_channels, mid, stride=2)
         self.shuffle = ShuffleBlock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left = self.bn1(self.conv1(x))
         left = F.relu(self.bn2(self.conv2(left)))
-        right = F.relu(self.bn3(self.conv3(x)))
-        right = self.bn4(self.conv4(right))
-        right = F.relu(self.bn5(self.conv5(right)))
+        right = F.relu(run_branch(self, 3, x))
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(nn.Module):
-    """1x1 stem (24 ch), three stages (32 -> 16, 8, 4), 1x1 conv-BN-ReLU head, pool, linear."""
+class ShuffleNetV2(StagedNetwork):
+    """1x1 stem (24 ch), three stages (32 -> 16, 8, 4), 1x1 conv-BN-ReLU head, pool, linear.
+
+    ``preact_names``: RepDistiller's pre-activation of each stage's last basic unit.
+    """
 
     # Ends of the first two stages, then 'relu2': the head's ReLU after
     # layer3 -> conv2 -> bn2, whose output is the post-activation final map
     # before pooling (a hook on 'layer3' still gives the last stage's own output).
     stage_names = ("layer1", "layer2", "relu2")
-
-    @property
-    def preact_names(self) -> tuple[str, ...]:
-        """The stages' pre-activations (RepDistiller's): the last basic unit's ``preact`` of each stage."""
-        return tuple(f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in ("layer1", "layer2", "layer3"))
 
     def __init__(self, out_channels: list[int], num_blocks: list[int], num_classes: int = 100) -> None:
         super().__init__()
@@ -130,14 +133,8 @@ class ShuffleNetV2(nn.Module):
         self.in_channels = out_channels
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.linear(x)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(x)))
 
 
 def ShuffleV2(num_classes: int = 100) -> ShuffleNetV2:
