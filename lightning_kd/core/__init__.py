@@ -9,6 +9,7 @@ from lightning_kd.core.checks import (
     renamed_mix,
 )
 from lightning_kd.core.features import FeatureHooks, evaluation_mode, layer_shapes, resolve_modules
+from lightning_kd.core.loss_log import LossLog
 from lightning_kd.core.hub import REPDISTILLER_TEACHERS, TeacherNotFoundError, file_sha256, teacher_url
 from lightning_kd.core.module import (
     DistillationModule,
@@ -46,6 +47,7 @@ __all__ = [
     "FeatureHooks",
     "FitSummary",
     "FlopsPerImage",
+    "LossLog",
     "NonFiniteLossError",
     "PerClassReport",
     "PredictionWriter",

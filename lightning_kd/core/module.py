@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
+from lightning_kd.core.loss_log import LossLog
 from lightning_kd.core.stages import Stage, check_stages, stage_index
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
@@ -309,6 +310,7 @@ class DistillationModule(pl.LightningModule):
         self.compile_options: Optional[dict] = (compile if isinstance(compile, dict) else {}) if compile else None
         self._compiled = False
         self.non_finite = NonFiniteWatch()
+        self.loss_log = LossLog()
         self._stages: Optional[list[Stage]] = None
         self._optimizer_stage: Optional[int] = None  # the stage whose optimizer and scheduler are in use
 
@@ -513,6 +515,7 @@ class DistillationModule(pl.LightningModule):
         checkpoint["rng_states"] = _collect_rng_states()
         if self.teacher_cost is not None:
             checkpoint["teacher_cost"] = self.teacher_cost.state_dict()
+        checkpoint["loss_log"] = self.loss_log.state_dict()  # a mid-epoch checkpoint: the epoch's sums so far
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.input_shape = checkpoint.get("input_shape")
@@ -528,6 +531,8 @@ class DistillationModule(pl.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
         if self.teacher_cost is not None and "teacher_cost" in checkpoint:
             self.teacher_cost.load_state_dict(checkpoint["teacher_cost"])
+        if "loss_log" in checkpoint:
+            self.loss_log.load_state_dict(checkpoint["loss_log"])
 
     def _adopt_teacher_source(self, recorded: Optional[dict]) -> None:
         """Keep the teacher a checkpoint learned from (its weights are in the checkpoint); refuse a configured
@@ -651,12 +656,26 @@ class DistillationModule(pl.LightningModule):
 
     # --- loops ----------------------------------------------------------------------------------
     def log_loss_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """Sum the named terms and log ``train/loss`` and ``train/loss_<name>``."""
+        """Sum the named terms; log ``train/loss`` and ``train/loss_<name>`` (``_step`` values every
+        ``log_every_n_steps`` steps, ``_epoch`` means at the epoch's end: :class:`~lightning_kd.core.LossLog`, no
+        ``self.log`` call and no host–device synchronisation on the steps between)."""
         loss = torch.stack(list(terms.values())).sum()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.loss_log.add({"loss": loss, **{f"loss_{name}": value for name, value in terms.items()}}, batch_size)
+        # Lightning's own test of whether this step's logged values reach the loggers.
+        if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
+            self._log_losses(self.loss_log.latest, "_step", on_step=True)
+            # The bar shows the loss as a number set here: a value logged with prog_bar=True would be copied to the
+            # host at every later step of the epoch.
+            self.trainer.progress_bar_metrics["train/loss_step"] = loss.item()
         return loss
+
+    def _log_losses(self, values: dict[str, torch.Tensor], suffix: str, on_step: bool) -> None:
+        """``train/<name><suffix>`` to the loggers (and, at the epoch's end, the total loss to the progress bar) and
+        ``train/<name>`` to the callbacks, as Lightning names a value logged with ``on_step`` and ``on_epoch``."""
+        for name, value in values.items():
+            options = dict(on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=1)
+            self.log(f"train/{name}{suffix}", value, prog_bar=name == "loss" and not on_step, **options)
+            self.log(f"train/{name}", value, logger=False, **options)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, fields = split_batch(batch)
@@ -704,6 +723,8 @@ class DistillationModule(pl.LightningModule):
         ``teacher/images_epoch`` and ``teacher/flops`` (forward FLOPs so far, where countable). Overrides must
         call ``super()``."""
         self.stop_if_non_finite()
+        self._log_losses(self.loss_log.epoch_means(), "_epoch", on_step=False)
+        self.loss_log.reset()
         if self.teacher_cost is None:
             return
         cost = {
