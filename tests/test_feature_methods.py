@@ -229,6 +229,7 @@ def test_at_plus_kd_from_the_command_line(tiny_folder, teacher_ckpt, tmp_path):
 def test_fsp_two_stages_through_the_cli(tiny_folder, teacher_ckpt, tmp_path):
     cli = cli_main(method_args(
         "FSP", tiny_folder, tmp_path, teacher_ckpt, "--model.stage1_epochs=1", "--trainer.max_epochs=2",
+        "--trainer.log_every_n_steps=1",
         "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
     ), run=False)
     teacher_runs = []
@@ -242,3 +243,8 @@ def test_fsp_two_stages_through_the_cli(tiny_folder, teacher_ckpt, tmp_path):
         rows = [row for row in csv.DictReader(f) if row["train/loss_epoch"]]
     assert [bool(row["train/loss_fsp_epoch"]) for row in rows] == [True, False]
     assert [bool(row["train/loss_ce_epoch"]) for row in rows] == [False, True]
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        steps = [row for row in csv.DictReader(f) if row["train/loss_step"]]
+    # a stage's step values are its own terms only: stage 1's FSP term is not logged again in stage 2
+    assert [(bool(row["train/loss_fsp_step"]), bool(row["train/loss_ce_step"])) for row in steps] == [
+        (True, False), (True, False), (False, True), (False, True)]

@@ -24,10 +24,10 @@ class LossLog:
         self.counts: dict[str, int] = {}
 
     def add(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Record one step's terms (detached, float32) for a batch of ``batch_size`` samples."""
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.latest[name] = value
+        """Record one step's terms (detached, float32) for a batch of ``batch_size`` samples; :attr:`latest` holds
+        this step's terms only (a term of an earlier stage is not logged again)."""
+        self.latest = {name: value.detach().float() for name, value in terms.items()}
+        for name, value in self.latest.items():
             self.sums[name] = self.sums[name] + value * batch_size if name in self.sums else value * batch_size
             self.counts[name] = self.counts.get(name, 0) + batch_size
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -35,8 +36,7 @@ def read_file_list(path: str) -> list[str]:
     if absolute:
         raise ValueError(f"ImageFolderDataModule: train_subset {path!r} must name images relative to train/, "
                          f"got {absolute[0]!r}")
-    seen: set[str] = set()
-    twice = sorted({name for name in names if name in seen or seen.add(name)})  # type: ignore[func-returns-value]
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
         raise ValueError(f"ImageFolderDataModule: train_subset {path!r} lists {twice[:5]} more than once")
     return names

@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_kd.core import BlackBoxTeacher, DistillationModule, Step, check_range, evaluation_mode, freeze
+from lightning_kd.core import (
+    BlackBoxTeacher,
+    DistillationModule,
+    Step,
+    check_choice,
+    check_range,
+    evaluation_mode,
+    freeze,
+)
 from lightning_kd.data import QueryPoolDataModule, mix_images
 
 
@@ -313,8 +321,7 @@ class ActiveMixup(DistillationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if selection not in self.selections:
-            raise ValueError(f"selection must be one of {self.selections}, got {selection!r}")
+        check_choice("selection", selection, self.selections)
         check_range("rounds", rounds, 0)
         check_range("queries_per_round", queries_per_round, 1)
         if candidates is not None:
