@@ -24,7 +24,9 @@ Profiles:
   resnet8 students for every method but BYOT and MSD, whose students are resnet20 (their exits need stages of more
   than one block). Every seed method runs with seeds 0, 1 and 2, each against its paper's control (``control`` in the
   record): the student alone (Baseline of the same network), KD for UNIX KD, and Active Mixup's query budget spent
-  on random mixes (``active_mixup_random``) for Active Mixup, whose pool is the subset itself.
+  on random mixes (``active_mixup_random``) for Active Mixup, whose pool is the subset itself. Diagnosis grids
+  (``SCARCE_GRIDS``, e.g. ``at_beta100-s0``: AT with beta = 100) change one hyper-parameter of a method's config and
+  run only when named by ``--only`` or ``--methods``, at seed 0 unless ``--seeds`` says otherwise.
 * ``gpu-cifar100``: the full CIFAR-100 reference recipe of ``configs/cifar100/`` (240 epochs; RepDistiller's five
   pairs: teachers, students alone, KD, AT, SP, FSP, UNIX; and the configs of the other methods), schedules as the
   configs set them. Not sized for a CPU.
@@ -85,6 +87,7 @@ class Run:
     overrides: list[str] = dataclasses.field(default_factory=list)
     on_request: bool = False  # an ablation: runs only when named by --only or --methods, never by default
     control: Optional[str] = None  # the method this one's claim is measured against (cpu-cifar10-scarce)
+    grid: Optional[dict] = None  # a diagnosis grid's point: the method, its changed arguments and their config values
 
     def model_init(self) -> dict:
         """The config's model arguments, with the overrides of this run's student and teacher networks."""
@@ -318,6 +321,22 @@ def scarce_schedule(method: str, args) -> tuple[int, list[str]]:
     return epochs, overrides + every + quiet
 
 
+# Diagnosis grids of the claims that do not hold (issue: "run its key hyper-parameter on a small grid on one seed"):
+# grid run -> (method, the setting's label, the model arguments it changes). Reported, never tuned toward a result.
+SCARCE_GRIDS = {
+    "at_beta10": ("at", "β = 10", {"beta": 10.0}),
+    "at_beta100": ("at", "β = 100", {"beta": 100.0}),
+    "lsr_epsilon0.05": ("lsr", "ε = 0.05", {"epsilon": 0.05}),
+    "lsr_epsilon0.3": ("lsr", "ε = 0.3", {"epsilon": 0.3}),
+    "tfkd_self_alpha0.5": ("tfkd_self", "α = 0.5", {"kd_weight": 0.5, "ce_weight": 0.5}),
+    "tfkd_self_T2": ("tfkd_self", "T = 2", {"temperature": 2.0}),
+    "cskd_lambda2": ("cskd", "λ = 2", {"kd_weight": 2.0}),
+    "cskd_lambda4": ("cskd", "λ = 4", {"kd_weight": 4.0}),
+    "byot_alpha0.1": ("byot", "α = 0.1", {"kd_weight": 0.1, "ce_weight": 0.9}),
+    "byot_alpha0.6": ("byot", "α = 0.6", {"kd_weight": 0.6, "ce_weight": 0.4}),
+}
+
+
 def cpu_cifar10_scarce_runs(args) -> list[Run]:
     def run_at(method: str, seed: int) -> Run:
         label, config, teacher_run, control, extra = SCARCE_METHODS[method]
@@ -325,9 +344,20 @@ def cpu_cifar10_scarce_runs(args) -> list[Run]:
         return Run(f"{method}-s{seed}", method, label, config, seed, epochs,
                    teacher_run.format(seed=seed) if teacher_run else None, overrides + extra, control=control)
 
+    def grid_run_at(point: str, seed: int) -> Run:
+        method, setting, changes = SCARCE_GRIDS[point]
+        run = run_at(method, seed)
+        config_values = {key: run.model_init()[key] for key in changes}
+        changed = [item for key, value in changes.items() for item in (f"--model.init_args.{key}", str(value))]
+        return dataclasses.replace(run, name=f"{point}-s{seed}", method=point, label=f"{run.label}, {setting}",
+                                   overrides=run.overrides + changed, on_request=True,
+                                   grid={"method": method, "setting": setting, "changes": changes,
+                                         "config": config_values})
+
     methods = [(method, lambda seed, method=method: [run_at(method, seed)]) for method in SCARCE_METHODS]
     seeds = args.seeds if args.seeds is not None else list(NOISE_SEEDS)  # every method: its claim needs the noise
-    return in_protocol_order([], methods, seeds)
+    grids = [grid_run_at(point, seed) for point in SCARCE_GRIDS for seed in seeds_of(point, args.seeds)]
+    return in_protocol_order([], methods, seeds) + grids
 
 
 def cpu_cifar10_scarce_settings(args) -> dict:
@@ -486,7 +516,8 @@ def result_record(run: Run, run_dir: str, settings: dict, sittings: list[dict]) 
         return None
     final = final_values(rows)
     init = run.model_init()
-    extra_keys = [k for k in sorted(final) if k.startswith(("val/acc1/", "unix/")) or k in ("val/acc5",)]
+    terms = [k for k in final if k.startswith("train/") and k.endswith("_epoch") and k != "train/loss_epoch"]
+    extra_keys = sorted(terms) + [k for k in sorted(final) if k.startswith(("val/acc1/", "unix/")) or k == "val/acc5"]
     return {
         "name": run.name,
         "method": run.method,
@@ -501,6 +532,7 @@ def result_record(run: Run, run_dir: str, settings: dict, sittings: list[dict]) 
         "final_val_loss": final.get("val/loss"),
         "curve": loss_curve(rows),
         "control": run.control,
+        **({"grid": run.grid} if run.grid else {}),
         "epochs": run.epochs,
         "train_fraction": settings.get("train_fraction", 1.0),
         "teacher_images": int(final["teacher/images"]) if "teacher/images" in final else 0,

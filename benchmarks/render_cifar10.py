@@ -14,8 +14,10 @@ Active Mixup after each query round).
 
 Results of the ``cpu-cifar10-scarce`` profile (records naming their ``control``) get a table of claims instead: each
 method against its paper's control (Baseline of the same student, KD for UNIX KD, random mixes for Active Mixup),
-held when the difference is above the noise band, with the final training and test losses; and a second plot
-(``<plot>_curves.png``) of the training and test loss curves, with the pilot's (``--pilot``) when given.
+held when the difference is above the noise band, with the final training and test losses; a table of the
+diagnosis grids (records naming their ``grid``: one hyper-parameter of a method changed, at one seed) beside the
+method's own run; and a second plot (``<plot>_curves.png``) of the training and test loss curves, with the pilot's
+(``--pilot``) when given. Grid runs stay out of the claims table, the noise and the plots.
 """
 from __future__ import annotations
 
@@ -199,8 +201,64 @@ def claim_verdict(method: str, difference: float, band: float, records: list[dic
     return "held" if difference > band else "not held"
 
 
+def claim_runs(results: dict) -> dict:
+    """The results without the diagnosis grids' runs."""
+    return {**results, "runs": [record for record in results["runs"] if "grid" not in record]}
+
+
+def setting_text(values: dict) -> str:
+    return ", ".join(f"{key} = {value:g}" for key, value in values.items())
+
+
+def loss_terms(record: dict) -> str:
+    """The method's own training loss terms (epoch means) at the last epoch, when the record has them."""
+    terms = {key[len("train/loss_"):-len("_epoch")]: value for key, value in record["extra"].items()
+             if key.startswith("train/loss_") and key.endswith("_epoch")}
+    return ", ".join(f"{name} {value:.3f}" for name, value in terms.items()) or "—"
+
+
+def render_grids(results: dict) -> str:
+    """The diagnosis grids: each method's run at its config's values beside its runs with one hyper-parameter
+    changed, at the same seed, against the Baseline of that seed."""
+    points = [record for record in results["runs"] if "grid" in record]
+    if not points:
+        return ""
+    others = {(record["method"], record["seed"], record["student"]): record
+              for record in results["runs"] if "grid" not in record}
+    lines = [
+        "Diagnosis grids: one hyper-parameter of a claim's method changed, the rest of its run as in the table "
+        "above (same seed, data, schedule, teacher). Δ is against the same student alone at the same seed.", "",
+        "| Method | Setting | Seed | Top-1 (%) | Δ vs Baseline (same seed) | Train loss | Its terms at the end "
+        "| Test loss (min → final) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for point in points:
+        method, seed, student = point["grid"]["method"], point["seed"], point["student"]
+        default = others.get((method, seed, student))
+        if default is not None and default not in rows:
+            rows.append(default)
+        rows.append(point)
+    config_values = {point["grid"]["method"]: point["grid"]["config"] for point in points}
+    for record in rows:
+        grid = record.get("grid")
+        setting = setting_text(grid["changes"]) if grid else f"config: {setting_text(config_values[record['method']])}"
+        label = record["label"].split(",")[0]
+        control = others.get((record["control"], record["seed"], record["student"]))
+        accuracy = percent(record["val_acc1"])
+        delta = f"{accuracy - percent(control['val_acc1']):+.2f}" if control else "not run"
+        minimum = min(p["val_loss"] for p in record["curve"])
+        lines.append(f"| {label} | {setting} | {record['seed']} | {accuracy:.2f} | {delta} "
+                     f"| {record['final_train_loss']:.3f} | {loss_terms(record)} "
+                     f"| {minimum:.2f} → {record['final_val_loss']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_claims(results: dict, plot_link: str | None) -> str:
-    """The scarce profile's table: every claim against its control, held or not beyond the noise."""
+    """The scarce profile's table: every claim against its control, held or not beyond the noise; then the
+    diagnosis grids."""
+    grids, every_run = render_grids(results), results["runs"]
+    results = claim_runs(results)
     protocol, groups = results["protocol"], group_runs(results["runs"])
     sigma, freedom = pooled_std(groups)
     lines = [
@@ -243,13 +301,14 @@ def render_claims(results: dict, plot_link: str | None) -> str:
         control_text = f"{control_mean:.2f} ± {control_std:.2f}" if len(control_values) > 1 else f"{control_mean:.2f}"
         lines.append(f"| {records[0]['label']} | {label_control} | {student} | {seeds} | {accuracy} | {control_text} "
                      f"| {difference:+.2f} | ±{band:.2f} | {held} | {losses[0]} | {losses[1]} | {cpu:.0f} |")
-    runs = results["runs"]
-    cpu_hours = sum(r["cpu_s"] for r in runs) / 3600
+    cpu_hours = sum(r["cpu_s"] for r in every_run) / 3600
     noise = (f"Noise: sigma = {sigma:.2f} points, the pooled standard deviation over seeds of every method run with "
              f"several ({freedom} degrees of freedom); a claim holds when its Δ exceeds 2·sigma·sqrt(1/n + "
              "1/n_control) (UNIX KD's, KD's accuracy at less teacher computation: when Δ is not below minus that "
              "band and the computation is lower)." if freedom else "Noise: not measured yet (no method has two seeds).")
-    lines += ["", noise, "", f"Finished runs: {len(runs)}, {cpu_hours:.1f} CPU-hours in all."]
+    lines += ["", noise, "", f"Finished runs: {len(every_run)}, {cpu_hours:.1f} CPU-hours in all."]
+    if grids:
+        lines += ["", grids.rstrip("\n")]
     if plot_link:
         stem, ext = os.path.splitext(plot_link)
         lines += ["", f"![Top-1 per method]({plot_link})", "", f"![Loss curves]({stem}_curves{ext})"]
@@ -375,14 +434,14 @@ def main(argv=None) -> None:
     markdown_path, plot_path = args.markdown or stem + ".md", args.plot or stem + ".png"
     with open(args.results) as file:
         results = json.load(file)
-    render_plot(results, plot_path)
+    render_plot(claim_runs(results), plot_path)
     link = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
     if is_scarce(results):
         pilot = None
         if args.pilot:
             with open(args.pilot) as file:
                 pilot = json.load(file)
-        render_curves(results, os.path.splitext(plot_path)[0] + "_curves.png", pilot)
+        render_curves(claim_runs(results), os.path.splitext(plot_path)[0] + "_curves.png", pilot)
         markdown = render_claims(results, link)
     else:
         markdown = render_markdown(results, link)

@@ -120,6 +120,7 @@ def test_a_losss_warm_up_keeps_its_share_of_the_schedule():
 
 SCARCE_METHODS = ["baseline_r20", "baseline", "kd", "tfkd_self", "fsp", "byot", "unix", "active_mixup",
                   "active_mixup_random"]
+SCARCE_GRID_POINT = "tfkd_self_T2"  # Tf-KD self at T = 2 instead of its config's 6
 
 
 def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control(tmp_path, monkeypatch):
@@ -135,7 +136,7 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
                  "--results", str(results_path), "--per_class", "4", "--epochs", "2", "--val_every", "1",
                  "--batch_size", "8", "--num_workers", "0", "--seeds", "0", "--am_pool", "16", "--am_rounds", "1",
                  "--am_queries", "8", "--am_candidates", "32", "--am_epochs_per_round", "1", "--methods",
-                 *SCARCE_METHODS]
+                 *SCARCE_METHODS, SCARCE_GRID_POINT]
     assert protocol.main(arguments) == 0
 
     listing = (tmp_path / "subsets" / "cifar10_train_4_per_class_seed0.txt").read_text().split("\n")
@@ -145,7 +146,14 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
     assert protocol.class_balanced_subset(os.path.join(root, "train"), 4, 1) != names
 
     runs = {record["name"]: record for record in json.loads(results_path.read_text())["runs"]}
-    assert list(runs) == [f"{method}-s0" for method in SCARCE_METHODS]
+    assert list(runs) == [f"{method}-s0" for method in [*SCARCE_METHODS, SCARCE_GRID_POINT]]
+    grid_point = runs.pop(f"{SCARCE_GRID_POINT}-s0")
+    assert grid_point["grid"] == {"method": "tfkd_self", "setting": "T = 2", "changes": {"temperature": 2.0},
+                                  "config": {"temperature": 6.0}}
+    assert "--model.init_args.temperature 2.0" in grid_point["commands"][0] and grid_point["control"] == "baseline"
+    assert {"train/loss_ce_epoch", "train/loss_kd_epoch"} <= set(grid_point["extra"])  # the method's own terms, for diagnosis
+    default_runs = protocol.cpu_cifar10_scarce_runs(protocol.parse_args(["--profile", "cpu-cifar10-scarce"]))
+    assert all(run.on_request for run in default_runs if run.grid) and len([r for r in default_runs if r.grid]) == 10
     controls = {name: record["control"] for name, record in runs.items()}
     assert controls == {"baseline_r20-s0": None, "baseline-s0": None, "kd-s0": "baseline", "tfkd_self-s0": "baseline",
                         "fsp-s0": "baseline", "byot-s0": "baseline_r20", "unix-s0": "kd",
@@ -166,4 +174,8 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
     render.main(["--results", str(results_path)])
     markdown = (tmp_path / "scarce.md").read_text()
     assert "| Claim | Control |" in markdown and "| UNIX KD | KD |" in markdown
+    claims, grids = markdown.split("Diagnosis grids")
+    assert "T = 2" not in claims  # a grid point is no claim
+    assert "| Tf-KD self | config: temperature = 6 | 0 |" in grids and "| Tf-KD self | temperature = 2 | 0 |" in grids
+    assert "| ce 0." in grids and ", kd 0." in grids  # the grid point's loss terms
     assert (tmp_path / "scarce.png").stat().st_size > 0 and (tmp_path / "scarce_curves.png").stat().st_size > 0
