@@ -219,7 +219,8 @@ def loss_terms(record: dict) -> str:
 
 def render_grids(results: dict) -> str:
     """The diagnosis grids: each method's run at its config's values beside its runs with one hyper-parameter
-    changed, at the same seed, against the Baseline of that seed."""
+    changed, at the same seed, against the Baseline of that seed; with the top-1 of the teacher each run read (a
+    teacher retrained in a later session, on another machine, is another network)."""
     points = [record for record in results["runs"] if "grid" in record]
     if not points:
         return ""
@@ -227,10 +228,11 @@ def render_grids(results: dict) -> str:
               for record in results["runs"] if "grid" not in record}
     lines = [
         "Diagnosis grids: one hyper-parameter of a claim's method changed, the rest of its run as in the table "
-        "above (same seed, data, schedule, teacher). Δ is against the same student alone at the same seed.", "",
-        "| Method | Setting | Seed | Top-1 (%) | Δ vs Baseline (same seed) | Train loss | Its terms at the end "
-        "| Test loss (min → final) |",
-        "|---|---|---|---|---|---|---|---|",
+        "above (same seed, data and schedule; the teacher's top-1 is shown: a teacher retrained in a later session "
+        "is another network). Δ is against the same student alone at the same seed.", "",
+        "| Method | Setting | Seed | Teacher top-1 (%) | Top-1 (%) | Δ vs Baseline (same seed) | Train loss "
+        "| Its terms at the end | Test loss (min → final) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for point in points:
@@ -248,7 +250,8 @@ def render_grids(results: dict) -> str:
         accuracy = percent(record["val_acc1"])
         delta = f"{accuracy - percent(control['val_acc1']):+.2f}" if control else "not run"
         minimum = min(p["val_loss"] for p in record["curve"])
-        lines.append(f"| {label} | {setting} | {record['seed']} | {accuracy:.2f} | {delta} "
+        teacher = f"{percent(record['teacher_val_acc1']):.2f}" if record.get("teacher_val_acc1") else "—"
+        lines.append(f"| {label} | {setting} | {record['seed']} | {teacher} | {accuracy:.2f} | {delta} "
                      f"| {record['final_train_loss']:.3f} | {loss_terms(record)} "
                      f"| {minimum:.2f} → {record['final_val_loss']:.2f} |")
     return "\n".join(lines) + "\n"

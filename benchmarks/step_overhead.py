@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd.methods import AT, KD, kd_loss
 
 BATCH, SIZE, CLASSES = 8, 8, 4
+CE_WEIGHT, KD_WEIGHT, TEMPERATURE = 0.1, 0.9, 4.0  # the CIFAR recipe of KD
+KD_OPTIONS = {"ce_weight": CE_WEIGHT, "kd_weight": KD_WEIGHT, "temperature": TEMPERATURE}
 
 
 class TinyStaged(nn.Module):
@@ -56,6 +58,11 @@ class TinyStaged(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def kd_objective(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KD's loss as the library computes it: ``CE_WEIGHT``·CE + ``KD_WEIGHT``·T²·KL at ``TEMPERATURE``."""
+    return CE_WEIGHT * F.cross_entropy(logits, targets) + KD_WEIGHT * kd_loss(logits, teacher_logits, TEMPERATURE)
+
+
 def batches(steps: int) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(steps * BATCH, 3, SIZE, SIZE, generator=generator),
@@ -71,8 +78,7 @@ def raw(steps: int) -> None:
         with torch.no_grad():
             teacher_logits = teacher(x)
         logits = student(x)
-        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd_loss(logits, teacher_logits, 4.0)
-        loss.backward()
+        kd_objective(logits, teacher_logits, y).backward()
         optimizer.step()
 
 
@@ -88,23 +94,35 @@ class BareKD(pl.LightningModule):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         logits = self.student(x)
-        return 0.1 * F.cross_entropy(logits, y) + 0.9 * kd_loss(logits, teacher_logits, 4.0)
+        return kd_objective(logits, teacher_logits, y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9)
 
 
-def fit(module: pl.LightningModule, steps: int, library: bool) -> None:
+def trainer(steps: int, library: bool, **options) -> pl.Trainer:
+    """A Trainer of ``steps`` training steps, without validation, checkpoints or model summary; ``library``: with a
+    CSV logger and the progress bar (the defaults a user runs), else neither; ``options``: further Trainer arguments
+    (``accelerator``, ``precision``, ``callbacks``)."""
     folder = tempfile.mkdtemp(prefix="step_overhead_")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, limit_val_batches=0, num_sanity_val_steps=0,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=folder,
-                         logger=CSVLogger(folder) if library else False, enable_progress_bar=library)
-    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):  # the bar and banners are drawn, not read
-        trainer.fit(module, batches(steps))
+    return pl.Trainer(max_steps=steps, devices=1, limit_val_batches=0, num_sanity_val_steps=0,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=folder,
+                      logger=CSVLogger(folder) if library else False, enable_progress_bar=library, **options)
+
+
+def quietly(run: Callable[[], object]) -> None:
+    """``run()`` with its output swallowed: the bar and banners are drawn, not read."""
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        run()
+
+
+def fit(module: pl.LightningModule, steps: int, library: bool) -> None:
+    fitting = trainer(steps, library, accelerator="cpu")
+    quietly(lambda: fitting.fit(module, batches(steps)))
 
 
 def library_module(method: type) -> Callable[[], pl.LightningModule]:
-    options = {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0} if method is KD else {}
+    options = KD_OPTIONS if method is KD else {}
     return lambda: method(student=TinyStaged(), teacher=TinyStaged(), num_classes=CLASSES,
                           kd_diagnostics=False, **options)
 

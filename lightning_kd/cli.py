@@ -9,15 +9,18 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata
 import inspect
 import os
 import sys
+import typing
 import warnings
 from typing import Optional
 
-from jsonargparse import Namespace
+import torch.nn as nn
+from jsonargparse import DefaultHelpFormatter, Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import lightning_kd
@@ -43,6 +46,25 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # Model arguments the CLI links from the data module when it instantiates the classes: not part of a resume check.
 LINKED_MODEL_ARGUMENTS = ("num_classes", "teacher_classes", "num_samples")
 WANDB_LOGGERS = ("pytorch_lightning.loggers.WandbLogger", "pytorch_lightning.loggers.wandb.WandbLogger")
+
+
+class WandbNotInstalledError(ModuleNotFoundError):
+    """A W&B logger is configured but the ``wandb`` package, an optional extra of lightning-kd, is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "trainer.logger is a W&B logger (WandbLogger, e.g. configs/logger/wandb.yaml) but wandb is not installed: "
+            'pip install "lightning-kd[wandb]"',
+            name="wandb",
+        )
+
+
+def _require_wandb() -> None:
+    """Raise :class:`WandbNotInstalledError` unless ``wandb`` imports."""
+    try:
+        import wandb  # noqa: F401 - the import is the check
+    except ImportError:
+        raise WandbNotInstalledError() from None
 
 
 def _wandb_credentials_available() -> bool:
@@ -119,6 +141,79 @@ def _names_recorded_teacher(path: Optional[str], teacher_source: dict) -> bool:
     if url is not None:
         return url == teacher_source.get("url")
     return not os.path.isfile(path) or file_sha256(path) == teacher_source["sha256"]
+
+
+def _accepts_any_module(typehint) -> bool:
+    """Whether ``typehint`` is ``torch.nn.Module`` or holds it (``Union[str, nn.Module]``, ``Optional[...]``, ...)."""
+    return typehint is nn.Module or any(_accepts_any_module(argument) for argument in typing.get_args(typehint))
+
+
+class ModuleHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, except that an argument taking any ``torch.nn.Module`` (a method's ``student``,
+    ``teacher``, ...) says so instead of listing every ``nn.Module`` subclass torch defines, some 1,500 lines of
+    ``--model.help KD``. jsonargparse appends that list as the action's ``extra_help()``; its other lists (the
+    methods, optimizers, schedulers, callbacks, loggers one may name) are kept."""
+
+    MODULE_HELP = ", any torch.nn.Module: class_path and init_args"
+
+    def _get_help_string(self, action) -> str:
+        if _accepts_any_module(getattr(action, "_typehint", None)):
+            action = copy.copy(action)
+            action.extra_help = lambda: self.MODULE_HELP
+        return super()._get_help_string(action)
+
+
+class KDArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with :class:`ModuleHelpFormatter` as its help formatter. jsonargparse builds the parser of
+    ``--model.help CLASS`` as ``type(parser)(...)``, so that help is formatted the same way."""
+
+    def __init__(self, *args, formatter_class=ModuleHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def _label_wandb_run(init: Namespace, config: Namespace) -> None:
+    """Name a W&B run "<method> <teacher>-><student> <dataset>", group it by "<dataset> <teacher>-><student>" and tag
+    it ``method:``, ``dataset:``, ``teacher:``, ``student:`` (filters on the project page), where ``init`` (the
+    logger's ``init_args``) sets none of these."""
+    model = config.model.init_args
+    method = config.model.class_path.rsplit(".", 1)[-1]
+    teacher, student = _short_name(model.get("teacher")), _short_name(model.get("student"))
+    pair = "->".join(n for n in (teacher, student) if n)
+    dataset = _dataset_name(config.get("data"))
+    if init.get("name") is None:
+        init["name"] = " ".join(part for part in (method, pair, dataset) if part)
+    if init.get("group") is None:
+        init["group"] = " ".join(part for part in (dataset, pair) if part)
+    if init.get("tags") is None:
+        labels = {"method": method, "dataset": dataset, "teacher": teacher, "student": student}
+        init["tags"] = [f"{key}:{value}" for key, value in labels.items() if value]
+
+
+def _run_wandb_offline_where_asked(logger: Namespace) -> None:
+    """Log a W&B run offline when its config says ``offline: true``, or when no credentials exist (no
+    ``WANDB_API_KEY``, no ``wandb login``) and no ``WANDB_MODE`` is set; then say where, once, on stderr.
+
+    Offline is wandb's own ``mode="offline"`` (a ``dict_kwargs`` of the logger, passed to ``wandb.init``), not
+    WandbLogger's ``offline`` flag, which refuses ``log_model``: an offline run records the checkpoints it is asked to
+    log as artifacts (their files staged under wandb's data directory) and ``wandb sync`` uploads them with the run.
+    """
+    init = logger.init_args
+    fallback = not init.get("offline") and not os.environ.get("WANDB_MODE") and not _wandb_credentials_available()
+    if not (init.get("offline") or fallback):
+        return
+    init["offline"] = False
+    logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "offline"}
+    if fallback:
+        # Where WandbLogger writes: its save_dir (or dir), else wandb's WANDB_DIR or the working directory.
+        root = init.get("save_dir") or init.get("dir") or os.environ.get("WANDB_DIR", ".")
+        directory = os.path.join(root, "wandb")
+        message = (
+            f"lightning-kd: no W&B credentials found, logging offline to {directory}. "
+            f"Sync later with `wandb sync {os.path.join(directory, 'offline-run-*')}`."
+        )
+        if init.get("log_model"):
+            message += " The checkpoints (log_model) are logged as artifacts of the offline run; the sync uploads them."
+        print(message, file=sys.stderr)
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -255,37 +350,11 @@ class KDLightningCLI(LightningCLI):
     @staticmethod
     def _configure_wandb(config: Namespace) -> None:
         loggers = config.trainer.logger
-        loggers = loggers if isinstance(loggers, list) else [loggers]
-        for logger in loggers:
-            if not (hasattr(logger, "get") and logger.get("class_path") in WANDB_LOGGERS):
-                continue
-            init = logger.init_args
-            model = config.model.init_args
-            method = config.model.class_path.rsplit(".", 1)[-1]
-            teacher, student = _short_name(model.get("teacher")), _short_name(model.get("student"))
-            pair = "->".join(n for n in (teacher, student) if n)
-            dataset = _dataset_name(config.get("data"))
-            if init.get("name") is None:
-                init["name"] = " ".join(part for part in (method, pair, dataset) if part)
-            if init.get("group") is None:
-                init["group"] = " ".join(part for part in (dataset, pair) if part)
-            if init.get("tags") is None:  # filters on the W&B project page
-                labels = {"method": method, "dataset": dataset, "teacher": teacher, "student": student}
-                init["tags"] = [f"{key}:{value}" for key, value in labels.items() if value]
-            if not init.get("offline") and not os.environ.get("WANDB_MODE") and not _wandb_credentials_available():
-                init["offline"] = True
-                # Where WandbLogger writes: its save_dir (or dir), else wandb's WANDB_DIR or the working directory.
-                root = init.get("save_dir") or init.get("dir") or os.environ.get("WANDB_DIR", ".")
-                directory = os.path.join(root, "wandb")
-                message = (
-                    f"lightning-kd: no W&B credentials found, logging offline to {directory}. "
-                    f"Sync later with `wandb sync {os.path.join(directory, 'offline-run-*')}`."
-                )
-                if init.get("log_model"):
-                    # WandbLogger refuses log_model offline: checkpoints are uploaded to a W&B server only.
-                    init["log_model"] = False
-                    message += " log_model is off offline: the checkpoints are kept on disk only."
-                print(message, file=sys.stderr)
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if hasattr(logger, "get") and logger.get("class_path") in WANDB_LOGGERS:
+                _require_wandb()
+                _label_wandb_run(logger.init_args, config)
+                _run_wandb_offline_where_asked(logger)
 
 
 def cli_main(args=None, run: bool = True) -> KDLightningCLI:
@@ -295,6 +364,7 @@ def cli_main(args=None, run: bool = True) -> KDLightningCLI:
         ClassificationDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=KDArgumentParser,
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -426,6 +496,8 @@ def main(argv=None) -> None:
             cli_main(None if argv is None else resolved)
         except TeacherNotFoundError as error:
             sys.exit(missing_teacher_message(error))
+        except WandbNotInstalledError as error:
+            sys.exit(f"lightning-kd: error: {error}")
 
 
 if __name__ == "__main__":

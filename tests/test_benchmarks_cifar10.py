@@ -176,6 +176,6 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
     assert "| Claim | Control |" in markdown and "| UNIX KD | KD |" in markdown
     claims, grids = markdown.split("Diagnosis grids")
     assert "T = 2" not in claims  # a grid point is no claim
-    assert "| Tf-KD self | config: temperature = 6 | 0 |" in grids and "| Tf-KD self | temperature = 2 | 0 |" in grids
+    assert "| Tf-KD self | config: temperature = 6 | 0 | " in grids and "| Tf-KD self | temperature = 2 | 0 | " in grids
     assert "| ce 0." in grids and ", kd 0." in grids  # the grid point's loss terms
     assert (tmp_path / "scarce.png").stat().st_size > 0 and (tmp_path / "scarce_curves.png").stat().st_size > 0

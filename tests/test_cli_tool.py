@@ -76,6 +76,24 @@ def test_a_subcommands_help_is_still_lightnings_own(monkeypatch, capsys):
     assert "The library's tools" not in out
 
 
+@pytest.mark.parametrize("method", ["KD", "lightning_kd.methods.KD"])
+def test_a_methods_help_shows_its_own_arguments_without_every_torch_module(method, monkeypatch, capsys):
+    """``--model.help`` used to list every torch.nn.Module subclass (~1,500 lines) as the types ``student`` and
+    ``teacher`` accept."""
+    monkeypatch.setattr(sys, "argv", ["lightning-kd", "fit", "--model.help", method])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 200, out
+    assert "--model.temperature" in out and "softening temperature" in out  # KD's own argument, with its docstring
+    for network in ("student", "teacher"):  # each argument's entry: from its line to the next argument's
+        described = out.split(f"\n  --model.{network} {network.upper()}\n", 1)[1].split("\n  --", 1)[0]
+        assert "any torch.nn.Module: class_path and init_args" in " ".join(described.split())
+    assert "torch.nn.Linear" not in out
+    assert "torch.optim.AdamW" in out  # the lists jsonargparse gives for other arguments stay
+
+
 # --- methods ---------------------------------------------------------------------------------------------------
 
 def table_rows(out: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from lightning_kd.core.per_class import PerClassReport
 from lightning_kd.core.predictions import PredictionWriter, read_predictions
 from lightning_kd.core.stages import Stage
 from lightning_kd.core.summary import FitSummary
+from lightning_kd.core.teacher_cache import LogitCodec, TeacherCache
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     FlopsPerImage,
@@ -47,6 +48,7 @@ __all__ = [
     "FeatureHooks",
     "FitSummary",
     "FlopsPerImage",
+    "LogitCodec",
     "LossLog",
     "NonFiniteLossError",
     "PerClassReport",
@@ -56,6 +58,7 @@ __all__ = [
     "RunCheckpoint",
     "Stage",
     "Step",
+    "TeacherCache",
     "TeacherCost",
     "TeacherNotFoundError",
     "TeacherSource",

@@ -37,6 +37,7 @@ from lightning_kd.core.checks import check_range
 from lightning_kd.core.features import FeatureHooks
 from lightning_kd.core.loss_log import LossLog
 from lightning_kd.core.stages import Stage, check_stages, stage_index
+from lightning_kd.core.teacher_cache import TeacherCache
 from lightning_kd.core.teacher import (
     BlackBoxTeacher,
     TeacherCost,
@@ -251,6 +252,12 @@ class DistillationModule(pl.LightningModule):
             (mean KL(teacher ‖ student) at T = 1) and the expected calibration error of both (``val/ece``,
             ``val/teacher_ece``; 15 bins). Costs one teacher forward of the validation set per epoch; a black-box
             teacher is never asked (its queries are counted).
+        teacher_cache: a directory where the teacher's training logits are cached per (epoch, sample), so that the
+            runs of a sweep over one teacher (temperatures, weights, students) run it once: the first run fills each
+            epoch, the next ones read it (:mod:`lightning_kd.core.teacher_cache`: its key, float16 storage and what
+            it refuses). Tensor-resident data and logit-only methods; ``None``: no cache.
+        teacher_cache_topk: logits cached per sample: ``None`` for all classes up to 100, else the 10 largest
+            (with a tail value, see :class:`~lightning_kd.core.teacher_cache.LogitCodec`); a number for that many.
     """
 
     needs_teacher: Optional[bool] = None
@@ -271,6 +278,8 @@ class DistillationModule(pl.LightningModule):
         channels_last: bool = False,
         compile: Union[bool, dict] = False,
         kd_diagnostics: bool = True,
+        teacher_cache: Optional[str] = None,
+        teacher_cache_topk: Optional[int] = None,
     ) -> None:
         super().__init__()
         modules = {"student": student, "teacher": teacher}
@@ -293,6 +302,7 @@ class DistillationModule(pl.LightningModule):
             )
         # The teacher's meter; a black box's is its own (see teacher_cost).
         self._teacher_meter: Optional[TeacherCost] = teacher_meter(self.teacher) if self.teacher is not None else None
+        self.teacher_cache = self._build_teacher_cache(teacher_cache, teacher_cache_topk)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student_layers: list[str] = []
@@ -302,6 +312,16 @@ class DistillationModule(pl.LightningModule):
         self.kd_diagnostics = bool(kd_diagnostics)
         self._add_metrics(num_classes)
         self._init_run_state(channels_last, compile)
+
+    def _build_teacher_cache(self, directory: Optional[str], topk: Optional[int]) -> Optional[TeacherCache]:
+        """The :class:`~lightning_kd.core.teacher_cache.TeacherCache` of ``teacher_cache``, or ``None``."""
+        if directory is None:
+            if topk is not None:
+                raise ValueError("model.teacher_cache_topk is set but model.teacher_cache (the directory) is not")
+            return None
+        if self.teacher is None:
+            raise ValueError(f"model.teacher_cache is set but {type(self).__name__} has no teacher to cache")
+        return TeacherCache(directory, self.num_classes, topk)
 
     def _init_run_state(self, channels_last: bool, compile: Union[bool, dict]) -> None:
         """The execution options (``channels_last``, ``compile``) and what a run fills in as it goes."""
@@ -469,6 +489,8 @@ class DistillationModule(pl.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if self.sample_fields and stage == "fit" and hasattr(datamodule, "serve_fields"):
             datamodule.serve_fields(self.sample_fields)
+        if self.teacher_cache is not None and stage == "fit":
+            self.teacher_cache.attach(self)  # refuses what it cannot serve; has every sample's position served
         if self._student_hooks is None and self.student_layers:
             self._student_hooks = FeatureHooks(self.student, self.student_layers, "student")
         if self._teacher_hooks is None and self.teacher_layers:
@@ -482,6 +504,11 @@ class DistillationModule(pl.LightningModule):
                 if network is not None:
                     network.compile(**self.compile_options)
             self._compiled = True
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The callbacks the module brings to its Trainer: its ``teacher_cache``, when set. An override returns
+        ``super().configure_callbacks()`` with its own."""
+        return [self.teacher_cache] if self.teacher_cache is not None else []
 
     def train(self, mode: bool = True) -> "DistillationModule":
         """Switch modes as usual, but the teacher stays in eval mode: its BatchNorm statistics never move."""
@@ -649,7 +676,8 @@ class DistillationModule(pl.LightningModule):
         if self._student_hooks is not None:
             step.student_features = self._student_hooks.pop()
         if self.teacher is not None and self.needs_teacher_forward():
-            step.teacher_logits = self.teacher_forward(x)
+            cache = self.teacher_cache
+            step.teacher_logits = self.teacher_forward(x) if cache is None else cache.teacher_logits(self, x)
             if self._teacher_hooks is not None:
                 step.teacher_features = self._teacher_hooks.pop()
         return step

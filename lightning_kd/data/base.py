@@ -286,6 +286,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._class_names = list(class_names)
 
     @property
+    def training_batch_transform(self) -> Optional[CropFlipNormalize]:
+        """The transform that finishes the tensor-resident training batches from their draw records (crop, flip and
+        normalisation, drawn from each sample's ``(seed, epoch, index)``); ``None`` on the per-sample path or before
+        :meth:`setup`."""
+        return self._batch_transform
+
+    @property
     def num_train_samples(self) -> int:
         """Number of training samples, after the ``val_split`` hold-out (the range of the ``"index"`` field); valid
         right after ``__init__``: it sets the module up if it is not yet. The CLI links it to the model's

@@ -152,7 +152,7 @@ class AB(FeatureDistillation):
         margin: the margin μ ≥ 0 of the alternative loss (RepDistiller: 1).
         beta: weight of the AB term in stage 1 (RepDistiller: 1).
         stage1_epochs: epochs of the ``ab`` stage (RepDistiller's ``--init_epochs``: 30).
-        **kwargs: ``student_layers``/``teacher_layers`` (equal counts; a student map is connected to its
+        **kwargs (Any): ``student_layers``/``teacher_layers`` (equal counts; a student map is connected to its
             teacher map by the identity or a convolution + BN, see :class:`ABConnectors`),
             ``ce_weight``/``kd_weight``/``temperature`` of stage 2, ``image_size`` and the base arguments.
     """

@@ -108,11 +108,18 @@ class ActiveMixupRounds(pl.Callback):
 
     Built and attached by :class:`ActiveMixup` (its ``configure_callbacks``), whose teacher, a
     :class:`~lightning_kd.core.BlackBoxTeacher`, is asked through ``teacher_forward`` and metered on its
-    ``teacher_cost``. Under DDP the first process asks (:meth:`query_round`).
+    ``teacher_cost``. Under DDP the first process asks (:meth:`query_round`). Its arguments are
+    :class:`ActiveMixup`'s, passed on.
 
     Args:
-        rounds, queries_per_round, candidates, epochs_per_round, mix_range, mix_steps, score_batch_size,
-            selection: as :class:`ActiveMixup`'s.
+        rounds: query rounds after round 0.
+        queries_per_round: the mixes queried per round.
+        candidates: unlabeled pairs scored per round; ``None`` scores every unlabeled pair.
+        epochs_per_round: training epochs between two rounds.
+        mix_range: the lowest and highest mix weight tried.
+        mix_steps: how many evenly spaced weights of ``mix_range`` are tried.
+        score_batch_size: candidate pairs scored (and images queried) per forward pass.
+        selection: ``"least_confident"`` or ``"random"``.
     """
 
     def __init__(

@@ -39,7 +39,7 @@ class AT(FeatureDistillation):
     Args:
         beta: weight β of the attention term (paper and RepDistiller: 1000).
         p: exponent of the attention energy |A|^p (paper: 2).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
             and the base arguments.
     """
 

@@ -127,7 +127,7 @@ class CC(FeatureDistillation):
         variant: ``repdistiller`` or ``paper`` (above).
         gamma: γ of the Gaussian kernel, ``paper`` variant only (default 0.4).
         order: P, the Taylor expansion's order, ``paper`` variant only (default 2).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
             (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base arguments.
     """
 

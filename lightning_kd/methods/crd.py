@@ -255,7 +255,8 @@ class ContrastMemory(nn.Module):
         """(student-anchored, teacher-anchored) normalised scores, each (B, 1 + N).
 
         Args:
-            student_embed, teacher_embed: (B, feat_dim) L2-normalised embeddings (:class:`Embed`).
+            student_embed: (B, feat_dim) L2-normalised student embeddings (:class:`Embed`).
+            teacher_embed: (B, feat_dim) L2-normalised teacher embeddings (:class:`Embed`).
             contrast_index: (B, 1 + N) int64 bank rows, column 0 the positive (:class:`ContrastSampler`).
             mean_across_ranks: maps a local tensor to its mean over DDP ranks; used once, when Z is set.
         """
@@ -290,7 +291,8 @@ class ContrastMemory(nn.Module):
 
         Args:
             index: (n,) int64 sample positions.
-            student_embed, teacher_embed: (n, feat_dim) embeddings (detached or not; no gradient is recorded).
+            student_embed: (n, feat_dim) student embeddings (detached or not; no gradient is recorded).
+            teacher_embed: (n, feat_dim) teacher embeddings (detached or not; no gradient is recorded).
         """
         if index.dim() != 1:
             raise ValueError(f"index must be 1-D (one position per sample), got shape {tuple(index.shape)}")
@@ -458,7 +460,7 @@ class CRD(FeatureDistillation):
         nce_temperature: τ of the critic (0.07).
         momentum: bank momentum (0.5).
         negatives: ``other_classes`` (RepDistiller's CIFAR loader) or ``all``.
-        **kwargs: one layer each (default: the classifier's input, the pooled penultimate feature),
+        **kwargs (Any): one layer each (default: the classifier's input, the pooled penultimate feature),
             ``ce_weight``/``kd_weight`` ("CRD+KD": ``kd_weight: 1``) and the base arguments.
     """
 

@@ -128,7 +128,7 @@ class FitNet(FeatureDistillation):
     Args:
         beta: weight β of the hint term (RepDistiller: 100).
         hint_epochs: epochs of the hint stage (RepDistiller: 0, one stage; the paper: a first stage).
-        **kwargs: one layer each in ``student_layers``/``teacher_layers`` (default: the middle stage, RepDistiller's
+        **kwargs (Any): one layer each in ``student_layers``/``teacher_layers`` (default: the middle stage, RepDistiller's
             ``hint_layer 2`` on the CIFAR ResNets, WRNs and VGGs), ``ce_weight``/``kd_weight``/``temperature``,
             ``image_size`` (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base
             arguments.

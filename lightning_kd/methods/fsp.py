@@ -49,7 +49,7 @@ class FSP(FeatureDistillation):
         beta: weight of the FSP term (RepDistiller's stage 1: 1).
         schedule: ``two_stage`` or ``joint``.
         stage1_epochs: epochs of FSP alone in the two-stage schedule.
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
             and the base arguments.
         fsp_weight: deprecated name of ``beta``; removed in the next release.
     """

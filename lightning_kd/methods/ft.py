@@ -199,7 +199,7 @@ class FT(FeatureDistillation):
             then keeps its random initial weights).
         paraphraser_lr: learning rate of stage 1's optimizer (RepDistiller: 0.01 for CIFAR ResNet and WRN
             students, the base lr 0.05 for VGG); ``None``: the optimizer's own.
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
             (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base arguments.
     """
 

@@ -68,7 +68,7 @@ class NST(FeatureDistillation):
 
     Args:
         beta: weight β of the MMD² term (RepDistiller: 50; the paper's λ/2).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
             (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base arguments.
     """
 

@@ -265,7 +265,7 @@ class OFD(FeatureDistillation):
         connector_kernel_size: k of the connectors' k×k convolution (odd; the authors': 1).
         teacher_bn_layers: module paths of the teacher BatchNorms whose outputs the teacher layers are, one per
             teacher layer, in order; default: found by :func:`producing_batchnorm`.
-        **kwargs: ``student_layers``/``teacher_layers`` (equal counts), ``ce_weight``/``kd_weight``/``temperature``
+        **kwargs (Any): ``student_layers``/``teacher_layers`` (equal counts), ``ce_weight``/``kd_weight``/``temperature``
             (mdistiller: CE 1, no KD), ``image_size`` and the base arguments.
     """
 

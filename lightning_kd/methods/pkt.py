@@ -68,7 +68,7 @@ class PKT(FeatureDistillation):
 
     Args:
         beta: weight β of the PKT term (RepDistiller: 30000).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
             (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base arguments.
     """
 

@@ -259,7 +259,7 @@ class ReviewKD(FeatureDistillation):
             resnet32x4→8x4 5.0, wrn_40_2→wrn_16_2 5.0, ShuffleV1 5.0, ShuffleV2 8.0).
         warmup_epochs: epochs over which λ ramps up linearly (20 on CIFAR, 1 on ImageNet); 0: no warm-up.
         mid_channels: C_mid of every ABF (default min(512, channels of the student's pooled vector)).
-        **kwargs: ``student_layers``/``teacher_layers`` (equal counts, the pooled vectors last: ``(C,)`` or
+        **kwargs (Any): ``student_layers``/``teacher_layers`` (equal counts, the pooled vectors last: ``(C,)`` or
             ``(C, H, W)`` outputs), ``ce_weight``/``kd_weight``/``temperature`` (the authors': CE 1, no KD),
             ``image_size`` and the base arguments.
     """

@@ -105,7 +105,7 @@ class RKD(FeatureDistillation):
         beta: overall weight β of the relational terms (RepDistiller: 1).
         distance_weight: λ_D of the distance-wise term (paper and RepDistiller: 25).
         angle_weight: λ_A of the angle-wise term (paper and RepDistiller: 50).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature``, ``image_size``
             (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`) and the base arguments.
     """
 

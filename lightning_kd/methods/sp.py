@@ -32,7 +32,7 @@ class SP(FeatureDistillation):
 
     Args:
         beta: weight of the similarity term, the paper's γ (paper and RepDistiller on CIFAR: 3000).
-        **kwargs: layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
+        **kwargs (Any): layers, ``ce_weight``/``kd_weight``/``temperature`` (:class:`FeatureDistillation`)
             and the base arguments.
         gamma: deprecated name of ``beta``; removed in the next release.
     """

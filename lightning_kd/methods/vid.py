@@ -180,7 +180,7 @@ class VID(FeatureDistillation):
         beta: weight β of the summed VID terms (RepDistiller: 1).
         init_variance: σ² of every channel at initialisation (RepDistiller: 5), must exceed ``eps``.
         eps: ε, the floor added to softplus(α) (RepDistiller: 1e-5).
-        **kwargs: layers (``student_layers``/``teacher_layers``, paired in order), ``ce_weight``/``kd_weight``/
+        **kwargs (Any): layers (``student_layers``/``teacher_layers``, paired in order), ``ce_weight``/``kd_weight``/
             ``temperature``, ``image_size`` (:class:`~lightning_kd.methods.feature_distillation.FeatureDistillation`)
             and the base arguments.
     """
