@@ -1,15 +1,16 @@
 """Teacher paid once per sweep (issue 22): three KD students (T = 2, 4, 8) over one teacher with the teacher-output
 cache, against the same three runs without it, and the cost of a KD step served from the cache against a Baseline step.
 
-    python benchmarks/teacher_cache.py [--data ROOT [--train_subset FILE]] [--epochs 2] [--batch_size 64]
-        [--teacher resnet20] [--student resnet8] [--teacher_ckpt FILE] [--threads 1] [--rounds 3] [--output FILE]
+    python benchmarks/teacher_cache.py [--data ROOT [--train_subset FILE] | --per_class 100] [--epochs 2]
+        [--batch_size 64] [--teacher resnet20] [--student resnet8] [--teacher_ckpt FILE] [--threads 1] [--rounds 3]
+        [--output FILE]
 
 Every run is ``lightning-kd fit`` in this process (``cli_main``) on the shipped configs ``configs/folder/kd/
 resnet20-resnet8.yaml`` and ``configs/folder/baseline/resnet20.yaml``, tensor-resident, with no validation (only the
 training steps the cache serves are timed) and no logger. Without ``--data`` a generated ImageFolder tree of 10 classes
-x 100 images of 32x32 is used. The teacher is ``--teacher_ckpt`` or a randomly initialised ``--teacher`` (a step's cost
-does not depend on the weights). Runs, in order: the Baseline student; then for T = 2, 4, 8, KD without the cache and
-KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it), interleaved so that a change in the
+x ``--per_class`` images of 32x32 is used. The teacher is ``--teacher_ckpt`` or a randomly initialised ``--teacher``
+(a step's cost does not depend on the weights). Runs, in order: the Baseline student; then for T = 2, 4, 8, KD
+without the cache and KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it), interleaved so that a change in the
 machine's load hits both sides alike. Per run: wall and CPU seconds (of this process) of the whole ``cli_main`` call,
 the teacher's forwards (``teacher/images``), the images served from the cache and the median
 seconds of a training step (from one step's end to the next, the data's lookup and augmentation included; each
@@ -180,7 +181,7 @@ def setting(args: argparse.Namespace) -> dict:
         "date": str(datetime.date.today()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
                    f"thread(s), load average {os.getloadavg()[0]:.2f} at the end",
-        "data": args.data or "generated: 10 classes x 100 images, 32x32",
+        "data": args.data or f"generated: 10 classes x {args.per_class} images, 32x32",
         "train_subset": args.train_subset,
         "teacher": f"{args.teacher} ({args.teacher_ckpt or 'random initialisation'})",
         "student": args.student,
@@ -192,6 +193,7 @@ def setting(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="an ImageFolder root (train/ and test/ or val/); default: generated images")
+    parser.add_argument("--per_class", type=int, default=100, help="images per class of the generated data")
     parser.add_argument("--train_subset", help="the training images to use, one path relative to train/ a line")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -205,7 +207,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
-        root = args.data or generated_folder(os.path.join(workdir, "images"))
+        root = args.data or generated_folder(os.path.join(workdir, "images"), per_class=args.per_class)
         teacher_ckpt = args.teacher_ckpt
         if teacher_ckpt is None:
             teacher_ckpt = os.path.join(workdir, "teacher.pt")

@@ -96,3 +96,20 @@ def test_speed_stage_floor_and_crd_batch():
     with pytest.raises(ValueError, match="timed in stage 'task'"):
         speed.build_method(*cases["AB stage 1"], "resnet8", 4, teachers, "AB stage 2")
     assert speed.select_cases(cases, ["AB", "KD"]) == ["KD", "AB stage 1", "AB stage 2"]
+
+
+def test_teacher_cache_benchmark_runs_the_teacher_in_the_first_cached_run_only(tmp_path):
+    """benchmarks/teacher_cache.py on generated data: of the three cached KD runs only the first (T = 2) runs the
+    teacher, the next two read every image from the cache; the uncached runs each run it; the record is written."""
+    spec = importlib.util.spec_from_file_location("teacher_cache", os.path.join(REPO, "benchmarks", "teacher_cache.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    output = tmp_path / "teacher_cache.json"
+    record = script.main(["--per_class", "8", "--epochs", "1", "--batch_size", "16", "--teacher", "resnet8",
+                          "--rounds", "1", "--output", str(output)])
+    runs, images = record["runs"], 10 * 8
+    assert [runs[f"kd_T{t}_uncached"]["teacher_images"] for t in (2, 4, 8)] == [images] * 3
+    assert [runs[f"kd_T{t}_cached"]["teacher_images"] for t in (2, 4, 8)] == [images, 0, 0]
+    assert [runs[f"kd_T{t}_cached"]["images_from_cache"] for t in (2, 4, 8)] == [0, images, images]
+    assert record["summary"]["teacher_images_cached"] * 3 == record["summary"]["teacher_images_uncached"]
+    assert json.loads(output.read_text())["summary"] == record["summary"]
