@@ -10,8 +10,8 @@ resnet20-resnet8.yaml`` and ``configs/folder/baseline/resnet20.yaml``, tensor-re
 training steps the cache serves are timed) and no logger. Without ``--data`` a generated ImageFolder tree of 10 classes
 x ``--per_class`` images of 32x32 is used. The teacher is ``--teacher_ckpt`` or a randomly initialised ``--teacher``
 (a step's cost does not depend on the weights). Runs, in order: the Baseline student; then for T = 2, 4, 8, KD
-without the cache and KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it), interleaved so that a change in the
-machine's load hits both sides alike. Per run: wall and CPU seconds (of this process) of the whole ``cli_main`` call,
+without the cache and KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it), interleaved
+so that a change in the machine's load hits both sides alike. Per run: wall and CPU seconds (of this process) of the whole ``cli_main`` call,
 the teacher's forwards (``teacher/images``), the images served from the cache and the median
 seconds of a training step (from one step's end to the next, the data's lookup and augmentation included; each
 epoch's first step left out), in wall and in CPU seconds of this process. Then ``--rounds`` rounds of a Baseline run and
