@@ -7,16 +7,16 @@ cache, against the same three runs without it, and the cost of a KD step served 
 
 Every run is ``lightning-kd fit`` in this process (``cli_main``) on the shipped configs ``configs/folder/kd/
 resnet20-resnet8.yaml`` and ``configs/folder/baseline/resnet20.yaml``, tensor-resident, with no validation (only the
-training steps the cache serves are timed) and no logger. Without ``--data`` a generated ImageFolder tree of 10 classes
-x ``--per_class`` images of 32x32 is used. The teacher is ``--teacher_ckpt`` or a randomly initialised ``--teacher``
-(a step's cost does not depend on the weights). Runs, in order: the Baseline student; then for T = 2, 4, 8, KD
-without the cache and KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it), interleaved
-so that a change in the machine's load hits both sides alike. Per run: wall and CPU seconds (of this process) of the whole ``cli_main`` call,
-the teacher's forwards (``teacher/images``), the images served from the cache and the median
-seconds of a training step (from one step's end to the next, the data's lookup and augmentation included; each
-epoch's first step left out), in wall and in CPU seconds of this process. Then ``--rounds`` rounds of a Baseline run and
-a KD run read from the cache, back to back, give the cost of a cached KD step against a Baseline step on a loaded
-machine (the median of the rounds' ratios, of wall and of CPU seconds).
+training steps the cache serves are timed) and no logger. Without ``--data`` a generated ImageFolder tree of 10
+classes x ``--per_class`` images of 32x32 is used. The teacher is ``--teacher_ckpt`` or a randomly initialised
+``--teacher`` (a step's cost does not depend on the weights). Runs, in order: the Baseline student; then for T = 2, 4,
+8, KD without the cache and KD with one fresh cache (at T = 2 it fills the cache, at T = 4 and 8 it reads it),
+interleaved so that a change in the machine's load hits both sides alike. Per run: wall and CPU seconds (of this
+process) of the whole ``cli_main`` call, the teacher's forwards (``teacher/images``), the images served from the cache
+and the median seconds of a training step (from one step's end to the next, the data's lookup and augmentation
+included; each epoch's first step left out), in wall and in CPU seconds of this process. Then ``--rounds`` rounds of a
+Baseline run and a KD run read from the cache, back to back, give the cost of a cached KD step against a Baseline step
+on a loaded machine (the median of the rounds' ratios, of wall and of CPU seconds).
 Prints one JSON record and writes it to ``--output`` (default
 ``benchmarks/results/teacher_cache_<date>.json``).
 """
