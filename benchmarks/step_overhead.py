@@ -10,7 +10,8 @@ the raw loop's slope of the same round is its fixed overhead in ms/step:
 
 * ``raw``: a plain loop, teacher under ``no_grad``, CE + KD, backward, SGD;
 * ``lightning``: the same loop as a bare LightningModule under ``Trainer.fit`` (no logger, no progress bar);
-* ``kd``: the library's KD under ``Trainer.fit`` with a CSV logger and the progress bar (the defaults a user runs);
+* ``kd``: the library's KD under ``Trainer.fit`` with a CSV logger and the progress bar ``lightning-kd`` shows
+  (:class:`~lightning_kd.core.ThrottledProgressBar`, redrawn every 0.1 s at most);
 * ``at``: the library's AT (feature hooks on three stages), same trainer.
 
 Prints one JSON record (and writes it to ``--output``).
@@ -36,6 +37,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_kd.core import ThrottledProgressBar
 from lightning_kd.methods import AT, KD, kd_loss
 
 BATCH, SIZE, CLASSES = 8, 8, 4
@@ -102,9 +104,12 @@ class BareKD(pl.LightningModule):
 
 def trainer(steps: int, library: bool, **options) -> pl.Trainer:
     """A Trainer of ``steps`` training steps, without validation, checkpoints or model summary; ``library``: with a
-    CSV logger and the progress bar (the defaults a user runs), else neither; ``options``: further Trainer arguments
+    CSV logger and the progress bar lightning-kd shows (:class:`~lightning_kd.core.ThrottledProgressBar`), else
+    neither; ``options``: further Trainer arguments
     (``accelerator``, ``precision``, ``callbacks``)."""
     folder = tempfile.mkdtemp(prefix="step_overhead_")
+    if library:  # the bar lightning-kd's command line shows
+        options["callbacks"] = [*options.get("callbacks", []), ThrottledProgressBar()]
     return pl.Trainer(max_steps=steps, devices=1, limit_val_batches=0, num_sanity_val_steps=0,
                       enable_checkpointing=False, enable_model_summary=False, default_root_dir=folder,
                       logger=CSVLogger(folder) if library else False, enable_progress_bar=library, **options)

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch.nn as nn
 from jsonargparse import DefaultHelpFormatter, Namespace
+from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import lightning_kd
@@ -33,6 +34,7 @@ from lightning_kd.core import (
     PredictionWriter,
     RunCheckpoint,
     TeacherNotFoundError,
+    ThrottledProgressBar,
     file_sha256,
     load_checkpoint_file,
     teacher_url,
@@ -346,6 +348,22 @@ class KDLightningCLI(LightningCLI):
         model_class = _comparable(class_path) if class_path else None
         self._model_counts_samples = bool(getattr(model_class, "sample_fields", ()))
         self._configure_wandb(config)
+        if config.get("trainer") is not None and self._wants_default_progress_bar(config.trainer):
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], ThrottledProgressBar()]
+
+    @staticmethod
+    def _wants_default_progress_bar(trainer: Namespace) -> bool:
+        """The bar is on (``enable_progress_bar`` not false) and no progress-bar callback is given: the library's
+        :class:`~lightning_kd.core.ThrottledProgressBar` replaces Lightning's every-step bar."""
+        if trainer.get("enable_progress_bar") is False:
+            return False
+        callbacks = trainer.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            class_path = callback.get("class_path") if hasattr(callback, "get") else None
+            given = _comparable(class_path) if class_path else type(callback)
+            if isinstance(given, type) and issubclass(given, ProgressBar):
+                return False
+        return True
 
     @staticmethod
     def _configure_wandb(config: Namespace) -> None:

@@ -407,7 +407,7 @@ def test_active_mixup_rounds_checkpoint_their_points_and_resume_from_an_old_chec
 def test_active_mixup_asks_nothing_for_a_student_gone_non_finite(tiny_cifar10, tmp_path):
     class NonFiniteAtFirstStep(Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            module.non_finite.observe(0, torch.tensor(float("nan")), {})
+            module.non_finite.observe(0, ["loss"], torch.tensor([float("nan")]))
 
     module = active_mixup(rounds=1)
     fit = trainer(tmp_path, epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[NonFiniteAtFirstStep()])

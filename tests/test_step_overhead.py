@@ -96,3 +96,32 @@ def test_the_step_overhead_benchmark_reports_every_variant_against_the_raw_loop(
     assert set(record["ms_per_step"]) == {"raw", "lightning", "kd", "at"}
     assert set(record["overhead_ms_per_step_vs_raw"]) == {"lightning", "kd", "at"}
     assert all(math.isfinite(value) for value in record["ms_per_step"].values())  # 2 steps against 4: noise
+
+
+def test_loss_log_means_over_phases_and_its_state_by_hand():
+    """LossLog by hand: batch-weighted epoch means, a term absent from a phase averaged over the steps that had it,
+    the latest values this step's only, and a state that resumes into the same sums (also from the per-name format
+    of earlier checkpoints)."""
+    from lightning_kd.core import LossLog
+
+    log = LossLog()
+    log.add({"loss": torch.tensor(2.0), "loss_a": torch.tensor(1.0)}, batch_size=4)
+    log.add({"loss": torch.tensor(5.0), "loss_a": torch.tensor(3.0)}, batch_size=2)
+    log.add({"loss": torch.tensor(8.0), "loss_b": torch.tensor(6.0)}, batch_size=2)  # a new phase: b, not a
+    assert {name: float(value) for name, value in log.latest.items()} == {"loss": 8.0, "loss_b": 6.0}
+    means = {name: float(value) for name, value in log.epoch_means().items()}
+    assert means == pytest.approx({"loss": (8 + 10 + 16) / 8, "loss_a": (4 + 6) / 6, "loss_b": 6.0})
+
+    resumed = LossLog()
+    resumed.load_state_dict(log.state_dict())
+    for other in (log, resumed):
+        other.add({"loss": torch.tensor(1.0), "loss_b": torch.tensor(1.0)}, batch_size=2)
+    assert all(torch.equal(log.epoch_means()[name], resumed.epoch_means()[name]) for name in log.epoch_means())
+
+    earlier = LossLog()  # a checkpoint of the per-name format
+    earlier.load_state_dict({"sums": {"loss": torch.tensor(34.0), "loss_a": torch.tensor(10.0)},
+                             "counts": {"loss": 8, "loss_a": 6}})
+    assert {name: float(value) for name, value in earlier.epoch_means().items()} == pytest.approx(
+        {"loss": 34 / 8, "loss_a": 10 / 6})
+    log.reset()
+    assert log.epoch_means() == {} and set(log.latest) == {"loss", "loss_b"}

@@ -22,6 +22,7 @@ from lightning_kd.core.module import (
 )
 from lightning_kd.core.per_class import PerClassReport
 from lightning_kd.core.predictions import PredictionWriter, read_predictions
+from lightning_kd.core.progress import ThrottledProgressBar
 from lightning_kd.core.stages import Stage
 from lightning_kd.core.summary import FitSummary
 from lightning_kd.core.teacher_cache import LogitCodec, TeacherCache
@@ -59,6 +60,7 @@ __all__ = [
     "Stage",
     "Step",
     "TeacherCache",
+    "ThrottledProgressBar",
     "TeacherCost",
     "TeacherNotFoundError",
     "TeacherSource",

@@ -129,9 +129,8 @@ class NonFiniteWatch:
         # One [term names, first bad step (-1: none), [loss, *terms] there] per run of steps with the same terms.
         self.segments: list[list] = []
 
-    def observe(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        values = torch.stack([loss, *terms.values()]).detach().float()
-        names = ["loss", *terms]
+    def observe(self, step: int, names: list[str], values: torch.Tensor) -> None:
+        """Note ``step``'s loss and terms: ``values``, detached, in the order of ``names`` (the loss first)."""
         if not self.segments or self.segments[-1][0] != names:  # a method's phase changed its terms (rare)
             self.segments.append([names, torch.full((), -1, device=values.device), torch.zeros_like(values)])
         segment = self.segments[-1]
@@ -718,7 +717,7 @@ class DistillationModule(pl.LightningModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             terms = self.loss_terms(step.float())
         loss = self.log_loss_terms(terms, batch_size=x.shape[0])
-        self.non_finite.observe(self.global_step, loss, terms)
+        self.non_finite.observe(self.global_step, ["loss", *terms], self.loss_log.values)  # stacked once, there
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
