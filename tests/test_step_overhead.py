@@ -125,3 +125,26 @@ def test_loss_log_means_over_phases_and_its_state_by_hand():
         {"loss": 34 / 8, "loss_a": 10 / 6})
     log.reset()
     assert log.epoch_means() == {} and set(log.latest) == {"loss", "loss_b"}
+
+
+def test_the_non_finite_watch_sees_this_steps_loss_even_when_log_loss_terms_is_overridden(tiny_cifar10, tmp_path):
+    """A method whose log_loss_terms does not record into the loss log still has each step's own loss watched:
+    a NaN at the third step stops the run naming that step (not the last finite step recorded)."""
+    from lightning_kd.core import NonFiniteLossError
+    from lightning_kd.data import CIFAR10DataModule
+
+    class Quiet(KD):
+        def log_loss_terms(self, terms, batch_size):
+            return torch.stack(list(terms.values())).sum()
+
+        def loss_terms(self, step):
+            terms = super().loss_terms(step)
+            return {**terms, "ce": terms["ce"] * float("nan")} if self.global_step == 2 else terms
+
+    module = Quiet(student=get_model("resnet8", num_classes=10), teacher=get_model("resnet8", num_classes=10),
+                   num_classes=10, kd_diagnostics=False)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         log_every_n_steps=1)
+    with pytest.raises(NonFiniteLossError, match="training step 2"):
+        trainer.fit(module, datamodule=CIFAR10DataModule(root=tiny_cifar10, batch_size=4, num_workers=0))

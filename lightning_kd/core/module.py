@@ -716,8 +716,12 @@ class DistillationModule(pl.LightningModule):
         step = self.forward_step(x, y, fields)
         with torch.autocast(device_type=self.device.type, enabled=False):
             terms = self.loss_terms(step.float())
+        previous = self.loss_log.values
         loss = self.log_loss_terms(terms, batch_size=x.shape[0])
-        self.non_finite.observe(self.global_step, ["loss", *terms], self.loss_log.values)  # stacked once, there
+        values = self.loss_log.values  # this step's terms, stacked once by the loss log
+        if values is previous:  # an override of log_loss_terms that did not record them: never watch a stale step
+            values = torch.stack([loss, *terms.values()]).detach().float()
+        self.non_finite.observe(self.global_step, ["loss", *terms], values)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
