@@ -334,6 +334,10 @@ SCARCE_GRIDS = {
     "cskd_lambda4": ("cskd", "λ = 4", {"kd_weight": 4.0}),
     "byot_alpha0.1": ("byot", "α = 0.1", {"kd_weight": 0.1, "ce_weight": 0.9}),
     "byot_alpha0.6": ("byot", "α = 0.6", {"kd_weight": 0.6, "ce_weight": 0.4}),
+    "dml_peer_resnet20": ("dml", "peer resnet20", {"peers": ["resnet20"]}),
+    "dml_cohort3": ("dml", "three resnet8", {"peers": ["resnet8", "resnet8"]}),
+    "tfkd_reg_alpha0.5": ("tfkd_reg", "α = 0.5", {"kd_weight": 0.5, "ce_weight": 0.5}),
+    "tfkd_reg_T1": ("tfkd_reg", "T = 1", {"temperature": 1.0}),
 }
 
 
@@ -348,7 +352,7 @@ def cpu_cifar10_scarce_runs(args) -> list[Run]:
         method, setting, changes = SCARCE_GRIDS[point]
         run = run_at(method, seed)
         config_values = {key: run.model_init()[key] for key in changes}
-        changed = [item for key, value in changes.items() for item in (f"--model.init_args.{key}", str(value))]
+        changed = [item for key, value in changes.items() for item in (f"--model.init_args.{key}", json.dumps(value))]
         return dataclasses.replace(run, name=f"{point}-s{seed}", method=point, label=f"{run.label}, {setting}",
                                    overrides=run.overrides + changed, on_request=True,
                                    grid={"method": method, "setting": setting, "changes": changes,
