@@ -54,6 +54,7 @@ import fcntl
 import glob
 import json
 import os
+import platform
 import random
 import resource
 import shlex
@@ -63,6 +64,7 @@ import sys
 import tempfile
 import time
 import traceback
+import unittest.mock
 from typing import Callable, Optional
 
 import yaml
@@ -548,6 +550,7 @@ def result_record(run: Run, run_dir: str, settings: dict, sittings: list[dict]) 
         "wall_s": round(sum(s["wall_s"] for s in sittings), 1),
         "cpu_s": round(sum(s["cpu_s"] for s in sittings), 1),
         "commands": [s["command"] for s in sittings],
+        "machines": sorted({s["machine"] for s in sittings if "machine" in s}),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -579,18 +582,31 @@ def cpu_seconds() -> float:
     )
 
 
+def machine() -> str:
+    """The CPU model, cores, torch version and threads: CPU training is bit-reproducible on one kind of machine only,
+    so a record says where each of its sittings ran."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as file:
+            model = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
 def run_fit(argv: list[str], run_dir: str) -> None:
-    """``lightning-kd <argv>`` in this process; its command, wall time and CPU time are appended to
+    """``lightning-kd <argv>`` in this process; its command, wall time, CPU time and machine are appended to
     ``sittings.json`` however it ends (an exception, Ctrl-C, SIGTERM)."""
     from lightning_kd.cli import main
 
     sittings = read_sittings(run_dir)
     start, cpu_start = time.time(), cpu_seconds()
     try:
-        main(argv)
+        with unittest.mock.patch.object(sys, "argv", sys.argv[:1]):  # the CLI reads argv alone, not the runner's
+            main(argv)
     finally:
         sittings.append({"command": "lightning-kd " + shlex.join(argv), "wall_s": round(time.time() - start, 1),
-                         "cpu_s": round(cpu_seconds() - cpu_start, 1)})
+                         "cpu_s": round(cpu_seconds() - cpu_start, 1), "machine": machine()})
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "sittings.json"), "w") as file:
             json.dump(sittings, file, indent=1)

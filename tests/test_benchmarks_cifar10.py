@@ -47,6 +47,7 @@ def test_protocol_runs_every_method_skips_resumes_and_renders(tmp_path, monkeypa
     for record in runs.values():
         assert 0.0 <= record["val_acc1"] <= 1.0
         assert record["commands"][0].startswith("lightning-kd fit --config configs/")
+        assert record["machines"] == [protocol.machine()] and "torch " in record["machines"][0]
     steps_per_epoch = 2  # 64 training images in batches of 16, half of the batches
     assert runs["kd-s0"]["teacher_images"] == steps_per_epoch * 16
     assert 0 < runs["unix-s0"]["teacher_images"] < runs["kd-s0"]["teacher_images"]
