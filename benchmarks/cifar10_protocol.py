@@ -92,12 +92,13 @@ class Run:
     grid: Optional[dict] = None  # a diagnosis grid's point: the method, its changed arguments and their config values
 
     def model_init(self) -> dict:
-        """The config's model arguments, with the overrides of this run's student and teacher networks."""
+        """The config's model arguments, with this run's overrides of them (``--model.init_args.<name> <value>``,
+        the last one winning, as on the command line)."""
         init = dict(read_yaml(self.config)["model"]["init_args"])
-        for key in ("student", "teacher"):
-            flag = f"--model.init_args.{key}"
-            if flag in self.overrides:
-                init[key] = self.overrides[self.overrides.index(flag) + 1]
+        prefix = "--model.init_args."
+        for flag, value in zip(self.overrides, self.overrides[1:]):
+            if flag.startswith(prefix) and "." not in flag[len(prefix):]:
+                init[flag[len(prefix):]] = yaml.safe_load(value)
         return init
 
     @property
@@ -340,6 +341,7 @@ SCARCE_GRIDS = {
     "dml_cohort3": ("dml", "three resnet8", {"peers": ["resnet8", "resnet8"]}),
     "tfkd_reg_alpha0.5": ("tfkd_reg", "α = 0.5", {"kd_weight": 0.5, "ce_weight": 0.5}),
     "tfkd_reg_T1": ("tfkd_reg", "T = 1", {"temperature": 1.0}),
+    "active_mixup_candidates64000": ("active_mixup", "64,000 candidates", {"candidates": 64000}),
 }
 
 

@@ -229,8 +229,9 @@ def render_grids(results: dict) -> str:
     lines = [
         "Diagnosis grids: one hyper-parameter of a claim's method changed, the rest of its run as in the table "
         "above (same seed, data and schedule; the teacher's top-1 is shown: a teacher retrained in a later session "
-        "is another network). Δ is against the same student alone at the same seed.", "",
-        "| Method | Setting | Seed | Teacher top-1 (%) | Top-1 (%) | Δ vs Baseline (same seed) | Train loss "
+        "is another network). Δ is against the claim's control at the same seed (the same student alone; random mixes "
+        "for Active Mixup).", "",
+        "| Method | Setting | Seed | Teacher top-1 (%) | Top-1 (%) | Δ vs control (same seed) | Train loss "
         "| Its terms at the end | Test loss (min → final) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -154,7 +154,7 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
     assert "--model.init_args.temperature 2.0" in grid_point["commands"][0] and grid_point["control"] == "baseline"
     assert {"train/loss_ce_epoch", "train/loss_kd_epoch"} <= set(grid_point["extra"])  # the method's own terms, for diagnosis
     default_runs = protocol.cpu_cifar10_scarce_runs(protocol.parse_args(["--profile", "cpu-cifar10-scarce"]))
-    assert all(run.on_request for run in default_runs if run.grid) and len([r for r in default_runs if r.grid]) == 10
+    assert all(run.on_request for run in default_runs if run.grid) and len([r for r in default_runs if r.grid]) == len(protocol.SCARCE_GRIDS)
     controls = {name: record["control"] for name, record in runs.items()}
     assert controls == {"baseline_r20-s0": None, "baseline-s0": None, "kd-s0": "baseline", "tfkd_self-s0": "baseline",
                         "fsp-s0": "baseline", "byot-s0": "baseline_r20", "unix-s0": "kd",
@@ -180,3 +180,13 @@ def test_scarce_profile_trains_on_the_shipped_subset_against_each_claims_control
     assert "| Tf-KD self | config: temperature = 6 | 0 | " in grids and "| Tf-KD self | temperature = 2 | 0 | " in grids
     assert "| ce 0." in grids and ", kd 0." in grids  # the grid point's loss terms
     assert (tmp_path / "scarce.png").stat().st_size > 0 and (tmp_path / "scarce_curves.png").stat().st_size > 0
+
+
+def test_a_runs_model_arguments_are_its_configs_with_its_overrides():
+    protocol = load_script("cifar10_protocol")
+    run = protocol.Run("dml-s0", "dml", "DML", "configs/folder/dml/resnet8-resnet8.yaml", 0, 4, overrides=[
+        "--model.init_args.peers", '["resnet20"]', "--model.init_args.lr_scheduler.init_args.T_max", "4",
+        "--model.init_args.student", "resnet20", "--model.init_args.student", "resnet32"])
+    init = run.model_init()
+    assert init["peers"] == ["resnet20"] and init["student"] == "resnet32"  # parsed, the last one winning
+    assert init["optimizer"]["init_args"]["lr"] == 0.1 and "lr_scheduler.init_args.T_max" not in init
