@@ -207,7 +207,13 @@ def claim_runs(results: dict) -> dict:
 
 
 def setting_text(values: dict) -> str:
-    return ", ".join(f"{key} = {value:g}" for key, value in values.items())
+    """``beta = 10, peers = [resnet8, resnet8]``: numbers in their shortest form, lists in brackets."""
+    def text(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(text(item) for item in value) + "]"
+        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    return ", ".join(f"{key} = {text(value)}" for key, value in values.items())
 
 
 def loss_terms(record: dict) -> str:
@@ -242,7 +248,9 @@ def render_grids(results: dict) -> str:
         if default is not None and default not in rows:
             rows.append(default)
         rows.append(point)
-    config_values = {point["grid"]["method"]: point["grid"]["config"] for point in points}
+    config_values = defaultdict(dict)  # each method's config values of every argument its grid changes
+    for point in points:
+        config_values[point["grid"]["method"]].update(point["grid"]["config"])
     for record in rows:
         grid = record.get("grid")
         setting = setting_text(grid["changes"]) if grid else f"config: {setting_text(config_values[record['method']])}"

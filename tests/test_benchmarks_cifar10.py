@@ -190,3 +190,9 @@ def test_a_runs_model_arguments_are_its_configs_with_its_overrides():
     init = run.model_init()
     assert init["peers"] == ["resnet20"] and init["student"] == "resnet32"  # parsed, the last one winning
     assert init["optimizer"]["init_args"]["lr"] == 0.1 and "lr_scheduler.init_args.T_max" not in init
+
+
+def test_grid_settings_read_as_written():
+    render = load_script("render_cifar10")
+    assert render.setting_text({"beta": 10.0, "peers": ["resnet8", "resnet8"]}) == "beta = 10, peers = [resnet8, resnet8]"
+    assert render.setting_text({"kd_weight": 0.5, "selection": "random"}) == "kd_weight = 0.5, selection = random"
