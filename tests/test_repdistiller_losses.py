@@ -321,7 +321,7 @@ def test_rkd_losses_match_loops():
     assert rkd_distance_loss(s, t).item() == pytest.approx(distance, rel=1e-10)
     assert rkd_angle_loss(s, t).item() == pytest.approx(angle, rel=1e-10)
     assert rkd_loss(s, t).item() == pytest.approx(25 * distance + 50 * angle, rel=1e-10)
-    assert rkd_loss(s, t, 1.0, 0.0).item() == pytest.approx(distance, rel=1e-10)
+    assert rkd_loss(s, t, distance_weight=1.0, angle_weight=0.0).item() == pytest.approx(distance, rel=1e-10)
 
 
 def test_rkd_loss_is_zero_for_a_scaled_rotated_translated_copy():

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from lightning_kd.core import Step
-from lightning_kd.methods import BYOT, CSKD, FSP, KD, MSD, SP, TfKDReg, TfKDSelf
+from lightning_kd.methods import (
+    BYOT, CSKD, FSP, KD, MSD, SP, TfKDReg, TfKDSelf, byot_loss, dist_loss, dkd_loss, msd_loss, rkd_loss,
+)
 
 PAIR = {"student": "resnet8", "num_classes": 4}
 TEACHER = {**PAIR, "teacher": "resnet8"}
@@ -49,3 +51,19 @@ def test_a_checkpoint_written_with_alpha_loads_with_its_weights(tmp_path):
     with pytest.warns(FutureWarning):
         loaded = KD.load_from_checkpoint(path, weights_only=False)
     assert (loaded.ce_weight, loaded.kd_weight) == pytest.approx((0.7, 0.3))
+
+
+@pytest.mark.parametrize(
+    "loss, tensors, weights",
+    [
+        (byot_loss, (torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.tensor([0, 1, 2])), (0.7, 0.3, 3.0, 0.03)),
+        (msd_loss, (torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.tensor([0, 1, 2])), (0.7, 0.3, 3.0, 0.03)),
+        (dkd_loss, (torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])), (1.0, 8.0, 4.0)),
+        (dist_loss, (torch.randn(3, 4), torch.randn(3, 4)), (2.0, 2.0, 4.0)),
+        (rkd_loss, (torch.randn(3, 4), torch.randn(3, 4)), (25.0, 50.0)),
+    ],
+)
+def test_a_loss_that_weighs_several_terms_takes_its_weights_by_keyword_only(loss, tensors, weights):
+    """Two weights given in the wrong order would be another loss and no error: only keywords are taken."""
+    with pytest.raises(TypeError, match="positional argument"):
+        loss(*tensors, *weights)

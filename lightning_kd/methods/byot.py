@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -36,21 +36,30 @@ def feature_hint(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(features, target)
 
 
+def deepest_teaches(exit_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """BYOT's distillation term: Σ_{i<C} T²·KL(q_C ‖ q_i), the deepest exit's q_C a fixed (detached) target."""
+    deepest = exit_logits[-1].detach()
+    return sum(kd_loss(logits, deepest, temperature) for logits in exit_logits[:-1])
+
+
 def byot_loss(
     exit_logits: torch.Tensor,
     exit_features: torch.Tensor,
     targets: torch.Tensor,
+    *,
     ce_weight: float,
     kd_weight: float,
     temperature: float,
     beta: float,
+    distillation: Callable[[torch.Tensor, float], torch.Tensor] = deepest_teaches,
 ) -> dict[str, torch.Tensor]:
     """The BYOT objective (Zhang et al. 2019), summed over the exits i = 1…C, C the deepest:
 
         ce_weight·CE(q_i, y) + kd_weight·T²·KL(q_C ‖ q_i) + β·‖F_i − F_C‖²
 
     with q = softmax(logits/T) in the KL term; the deepest exit's logits and feature are fixed targets
-    (detached), so for i = C only the cross-entropy remains.
+    (detached), so for i = C only the cross-entropy remains. The weights are keyword-only: two swapped
+    weights would give another loss without an error.
 
     Args:
         exit_logits: (C, B, K) logits of every exit, shallowest first, the deepest last.
@@ -60,14 +69,15 @@ def byot_loss(
         kd_weight: weight of the distillation terms (the paper's α).
         temperature: softening temperature T.
         beta: weight of the feature hint (the paper's λ).
+        distillation: the distillation term ``distillation(exit_logits, temperature)``; BYOT's
+            :func:`deepest_teaches` by default (MSD's :func:`~lightning_kd.methods.msd.all_teach` is the other).
 
     Returns:
         the weighted terms ``ce``, ``kd`` and ``hint``.
     """
-    deepest_logits, deepest_feature = exit_logits[-1].detach(), exit_features[-1].detach()
     ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
-    kd = sum(kd_loss(logits, deepest_logits, temperature) for logits in exit_logits[:-1])
-    hint = sum(feature_hint(features, deepest_feature) for features in exit_features[:-1])
+    kd = distillation(exit_logits, temperature)
+    hint = sum(feature_hint(features, exit_features[-1].detach()) for features in exit_features[:-1])
     return {"ce": ce_weight * ce, "kd": kd_weight * kd, "hint": beta * hint}
 
 
@@ -172,7 +182,7 @@ class BYOT(DistillationModule):
     """
 
     needs_teacher = False
-    #: The loss of the exits' logits and features (a subclass may swap it for another of the same arguments).
+    #: The loss of the exits' logits and features (a subclass may swap it for another taking the same keywords).
     objective = staticmethod(byot_loss)
 
     def __init__(
@@ -235,8 +245,8 @@ class BYOT(DistillationModule):
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         return self.objective(
-            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, self.ce_weight, self.kd_weight,
-            self.temperature, self.beta,
+            step.outputs["exit_logits"], step.outputs["exit_features"], step.targets, ce_weight=self.ce_weight,
+            kd_weight=self.kd_weight, temperature=self.temperature, beta=self.beta,
         )
 
     def evaluation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

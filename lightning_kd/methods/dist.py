@@ -57,6 +57,7 @@ def dist_terms(
 def dist_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    *,
     beta: float = 1.0,
     gamma: float = 1.0,
     temperature: float = 1.0,

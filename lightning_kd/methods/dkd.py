@@ -72,6 +72,7 @@ def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     targets: torch.Tensor,
+    *,
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,

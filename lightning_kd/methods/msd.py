@@ -20,49 +20,38 @@ No public code exists; this is our reading of the paper:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_kd.core import layer_shapes
-from lightning_kd.methods.byot import BYOT, feature_hint
+from lightning_kd.methods.byot import BYOT, byot_loss
 from lightning_kd.methods.kd import kd_loss
 
 
+def all_teach(exit_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MSD's distillation term as we read Luan et al. 2019: 1/(C−1)·Σ_i Σ_{j≠i} T²·KL(q_j ‖ q_i), every
+    classifier taught by all the others, each q_j a fixed (detached) target."""
+    count = exit_logits.shape[0]
+    fixed = exit_logits.detach()
+    return sum(
+        kd_loss(exit_logits[i], fixed[j], temperature) for i in range(count) for j in range(count) if j != i
+    ) / (count - 1)
+
+
 def msd_loss(
-    exit_logits: torch.Tensor,
-    exit_features: torch.Tensor,
-    targets: torch.Tensor,
-    ce_weight: float,
-    kd_weight: float,
-    temperature: float,
-    beta: float,
+    exit_logits: torch.Tensor, exit_features: torch.Tensor, targets: torch.Tensor, **weights: float
 ) -> dict[str, torch.Tensor]:
     """The MSD objective as we read Luan et al. 2019, summed over the classifiers i = 1…C, C the deepest:
 
         ce_weight·CE(q_i, y) + kd_weight·T²·1/(C−1)·Σ_{j≠i} KL(q_j ‖ q_i) + β·‖F_i − F_C‖²
 
-    with q = softmax(logits/T) in the KL terms; every target (q_j, F_C) is detached.
-
-    Args:
-        exit_logits: (C, B, K) logits of every classifier, shallowest first, the deepest last.
-        exit_features: (C, B, D) features of every classifier, aligned to the deepest's width.
-        targets: (B,) class labels.
-        ce_weight: weight of the cross-entropy terms (the paper's 1 − α).
-        kd_weight: weight of the mutual distillation (the paper's α).
-        temperature: softening temperature T.
-        beta: weight of the feature hint (the paper's λ).
+    with q = softmax(logits/T) in the KL terms; every target (q_j, F_C) is detached. It is BYOT's objective
+    (:func:`~lightning_kd.methods.byot.byot_loss`: same tensors, same keyword-only ``ce_weight``, ``kd_weight``,
+    ``temperature`` and ``beta``) with :func:`all_teach` as its distillation term.
 
     Returns:
         the weighted terms ``ce``, ``kd`` and ``hint``.
     """
-    count = exit_logits.shape[0]
-    fixed = exit_logits.detach()
-    ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
-    kd = sum(
-        kd_loss(exit_logits[i], fixed[j], temperature) for i in range(count) for j in range(count) if j != i
-    ) / (count - 1)
-    hint = sum(feature_hint(features, exit_features[-1].detach()) for features in exit_features[:-1])
-    return {"ce": ce_weight * ce, "kd": kd_weight * kd, "hint": beta * hint}
+    return byot_loss(exit_logits, exit_features, targets, distillation=all_teach, **weights)
 
 
 class MSD(BYOT):

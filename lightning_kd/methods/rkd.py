@@ -78,7 +78,7 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_loss(
-    f_s: torch.Tensor, f_t: torch.Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0
+    f_s: torch.Tensor, f_t: torch.Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
 ) -> torch.Tensor:
     """RKD-DA: λ_D·L_RKD-D + λ_A·L_RKD-A (RepDistiller: λ_D = 25, λ_A = 50)."""
     check_range("distance_weight", distance_weight, 0.0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Beta, Categorical
 
-from lightning_kd.core import DistillationModule, FlopsPerImage, Step, check_range, check_weights
+from lightning_kd.core import DistillationModule, FlopsPerImage, Step, check_choice, check_range, check_weights
 from lightning_kd.methods.kd import kd_loss
 
 UNCERTAINTIES = ("entropy", "least_confidence", "margin")
@@ -124,8 +124,7 @@ class UNIXKD(DistillationModule):
         check_range("mix_sharpness", mix_sharpness, 0.0)
         check_range("temperature", temperature, 0.0, low_open=True)
         check_weights(kd_weight=kd_weight, ce_weight=ce_weight)
-        if uncertainty not in UNCERTAINTIES:
-            raise ValueError(f"uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {uncertainty!r}")
+        check_choice("uncertainty", uncertainty, UNCERTAINTIES)
         self.keep = keep
         self.mix_center = mix_center
         self.mix_sharpness = mix_sharpness
