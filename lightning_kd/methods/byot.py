@@ -77,7 +77,8 @@ def byot_loss(
     """
     ce = sum(F.cross_entropy(logits, targets) for logits in exit_logits)
     kd = distillation(exit_logits, temperature)
-    hint = sum(feature_hint(features, exit_features[-1].detach()) for features in exit_features[:-1])
+    deepest_feature = exit_features[-1].detach()
+    hint = sum(feature_hint(features, deepest_feature) for features in exit_features[:-1])
     return {"ce": ce_weight * ce, "kd": kd_weight * kd, "hint": beta * hint}
 
 
